@@ -1,0 +1,87 @@
+//! Command line: flags in, a configuration out, a library call; no logic
+//! the library should own.
+
+mod client;
+mod server;
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+/// cport: a completion-port network server and toolkit.
+#[derive(Debug, Parser)]
+#[command(name = "cport", version, about, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the server (framed protocol: echo, ping, stats; or raw echo).
+    Server(server::ServerArgs),
+    /// Run the ordinary client: interactive, line mode, or N messages every T.
+    Client(client::ClientArgs),
+}
+
+/// Runs the command line; returns the process exit code.
+pub(crate) fn main() -> i32 {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            // clap prints "error: ..." plus usage and uses exit code 2 for
+            // bad input, 0 for --help/--version.
+            let _ = e.print();
+            return e.exit_code();
+        }
+    };
+    let result = match cli.command {
+        Command::Server(a) => server::run(a),
+        Command::Client(a) => client::run(a),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            2
+        }
+    }
+}
+
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
+    cport::units::parse_duration(s)
+}
+
+pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
+    cport::units::parse_size(s)
+}
+
+/// An address as `IP:PORT` or `host:port` (resolved once, first result).
+pub(crate) fn parse_addr(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(a) = s.parse() {
+        return Ok(a);
+    }
+    s.to_socket_addrs()
+        .map_err(|e| format!("cannot resolve '{s}': {e} (write IP:PORT, e.g. 127.0.0.1:9000)"))?
+        .next()
+        .ok_or_else(|| format!("'{s}' resolves to no address"))
+}
+
+/// Sets up logging to stderr at `level` (RUST_LOG, if set, wins).
+pub(crate) fn init_logging(level: &str) -> anyhow::Result<()> {
+    use tracing_subscriber::EnvFilter;
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(v) if !v.is_empty() => EnvFilter::new(v),
+        _ => EnvFilter::try_new(format!("cport={level}")).map_err(|_| {
+            anyhow::anyhow!("bad --log level '{level}' (use error, warn, info, debug or trace)")
+        })?,
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(false)
+        .init();
+    Ok(())
+}

@@ -1,0 +1,191 @@
+//! `cport server`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::{Args, ValueEnum};
+
+use cport::port::sys;
+use cport::server::{Engine, EngineConfig, Protocol, Services, StatsSnapshot};
+
+use super::{init_logging, parse_addr, parse_duration, parse_size};
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub(crate) enum ProtocolArg {
+    /// Length-prefixed frames: ECHO, PING, STATS (SPEC section 3).
+    Framed,
+    /// Plain echo of whatever bytes arrive (works with nc and generic benchmarks).
+    Raw,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub(crate) enum BackendArg {
+    /// The best backend this machine supports.
+    Auto,
+    /// Linux io_uring.
+    Uring,
+    /// epoll readiness turned into completions.
+    Poll,
+    /// Windows I/O completion ports.
+    Iocp,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ServerArgs {
+    /// Address to listen on; repeat for several (IPv4 or IPv6, e.g. [::1]:9000).
+    #[arg(long = "listen", value_name = "ADDR", value_parser = parse_addr, default_value = "0.0.0.0:9000")]
+    listen: Vec<SocketAddr>,
+    /// Wire protocol.
+    #[arg(long, value_enum, default_value_t = ProtocolArg::Framed)]
+    protocol: ProtocolArg,
+    /// Worker threads in all, spread evenly over the ports [default: 2 x cores].
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    workers: Option<u16>,
+    /// Completion ports (1: the seeds' shared model; = workers: one port per worker).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    ports: u16,
+    /// Completion backend.
+    #[arg(long, value_enum, default_value_t = BackendArg::Auto)]
+    backend: BackendArg,
+    /// Connection limit; over it new connections get ERROR 5 [default: descriptor limit minus 64].
+    #[arg(long, value_name = "N")]
+    max_conns: Option<usize>,
+    /// Largest frame body accepted (e.g. 65536, 64KiB, 1MiB).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "1MiB")]
+    max_frame: u64,
+    /// Per-connection send queue limit; over it the connection is not read.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "4MiB")]
+    max_send_queue: u64,
+    /// Size of each pooled receive buffer.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "4KiB")]
+    recv_buf: u64,
+    /// Pooled receive buffers per port.
+    #[arg(long, value_name = "N", default_value_t = 4096)]
+    recv_bufs: u32,
+    /// On shutdown, how long connections may flush their queues.
+    #[arg(long, value_name = "DUR", value_parser = parse_duration, default_value = "1s")]
+    shutdown_grace: Duration,
+    /// How often to log a one-line summary at info.
+    #[arg(long, value_name = "DUR", value_parser = parse_duration, default_value = "5s")]
+    summary_every: Duration,
+    /// Log level.
+    #[arg(long, default_value = "info", value_parser = ["off", "error", "warn", "info", "debug", "trace"])]
+    log: String,
+}
+
+pub(crate) fn run(a: ServerArgs) -> anyhow::Result<i32> {
+    init_logging(&a.log)?;
+    if matches!(a.backend, BackendArg::Poll | BackendArg::Iocp) {
+        bail!(
+            "backend '{}' is not available in this build of cport (use --backend uring or auto)",
+            a.backend
+                .to_possible_value()
+                .map(|v| v.get_name().to_string())
+                .unwrap_or_default()
+        );
+    }
+    if a.max_frame > u32::MAX as u64 {
+        bail!(
+            "--max-frame {} is over the protocol's 4 GiB - 1 limit",
+            a.max_frame
+        );
+    }
+    let ports = a.ports as usize;
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let workers = a.workers.map_or((cores * 2).max(ports), |w| w as usize);
+    if workers < ports {
+        bail!(
+            "--workers {workers} is less than --ports {ports}: every port needs at least one worker"
+        );
+    }
+    let fd_limit = sys::raise_fd_limit().unwrap_or(1024);
+    let mut cfg = EngineConfig {
+        workers,
+        ports,
+        protocol: match a.protocol {
+            ProtocolArg::Framed => Protocol::Framed,
+            ProtocolArg::Raw => Protocol::Raw,
+        },
+        max_frame: a.max_frame as u32,
+        max_send_queue: a.max_send_queue as usize,
+        max_conns: a
+            .max_conns
+            .unwrap_or(fd_limit.saturating_sub(64).max(1) as usize),
+        ..EngineConfig::default()
+    };
+    cfg.port.recv_buf_size = a.recv_buf.clamp(512, 1 << 20) as u32;
+    cfg.port.recv_bufs = a.recv_bufs;
+    let mut engine = Engine::start(cfg.clone(), Arc::new(Services::new()))
+        .context("cannot start the completion ports (is io_uring available?)")?;
+    for addr in &a.listen {
+        let bound = engine.listen(*addr, 4096).with_context(|| {
+            format!(
+                "cannot listen on {addr} (is another server using it? pick another with --listen)"
+            )
+        })?;
+        tracing::info!(
+            "listening on {bound} ({}, backend {}, {} port(s) x {} worker(s), max {} connections)",
+            cfg.protocol.name(),
+            engine.backend(),
+            ports,
+            workers,
+            cfg.max_conns
+        );
+    }
+
+    let (tx, rx) = mpsc::channel();
+    let mut signals = 0u32;
+    ctrlc::set_handler(move || {
+        signals += 1;
+        if signals > 1 {
+            eprintln!("second interrupt: exiting without waiting");
+            std::process::exit(130);
+        }
+        let _ = tx.send(());
+    })
+    .context("cannot install the signal handler")?;
+
+    let mut last = (Instant::now(), engine.stats());
+    loop {
+        match rx.recv_timeout(a.summary_every) {
+            Ok(()) | Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                let now = (Instant::now(), engine.stats());
+                log_rates(&last, &now);
+                last = now;
+            }
+        }
+    }
+    tracing::info!(
+        "shutting down: no new connections; flushing for up to {:?}",
+        a.shutdown_grace
+    );
+    let summary = engine.shutdown(a.shutdown_grace);
+    tracing::info!("final summary: {summary}");
+    if summary.outstanding_ops != 0 || summary.outstanding_bufs != 0 {
+        tracing::error!("operations or buffers were still outstanding at exit");
+    }
+    Ok(0)
+}
+
+fn log_rates(a: &(Instant, StatsSnapshot), b: &(Instant, StatsSnapshot)) {
+    let dt = b.0.duration_since(a.0).as_secs_f64().max(1e-3);
+    let rate = |x: u64, y: u64| (y.saturating_sub(x)) as f64 / dt;
+    let cpu = match (a.1.cpu_s, b.1.cpu_s) {
+        (Some(x), Some(y)) => format!("{:.1}%", (y - x) / dt * 100.0),
+        _ => "n/a".into(),
+    };
+    tracing::info!(
+        "connections={} accepted={} msgs/s={:.0} in={:.2}MB/s out={:.2}MB/s cpu={} rss={:.1}MiB",
+        b.1.connections_open,
+        b.1.connections_accepted,
+        rate(a.1.frames_in, b.1.frames_in),
+        rate(a.1.bytes_in, b.1.bytes_in) / 1e6,
+        rate(a.1.bytes_out, b.1.bytes_out) / 1e6,
+        cpu,
+        b.1.rss_bytes.unwrap_or(0) as f64 / (1 << 20) as f64,
+    );
+}

@@ -1,0 +1,23 @@
+//! cport: a completion-port network server framework and toolkit.
+//!
+//! The layers, each depending only on the ones before it:
+//!
+//! 1. [`port`] — the completion port and its backends (io_uring on Linux).
+//! 2. [`op`] / [`buf`] — operations that own their buffers until their
+//!    completion is reaped; pooled receive buffers.
+//! 3. [`frame`] — the wire codec (pure, no I/O).
+//! 4. [`server`] / [`client`] — connections, send queues, handlers, shutdown,
+//!    stats; the built-in services.
+//!
+//! The `cport` binary (`src/main.rs`, `src/cli/`) is a thin layer over these.
+//! docs/DESIGN.md describes the life of an operation and of a connection.
+#![deny(missing_docs, missing_debug_implementations, rust_2018_idioms)]
+#![warn(clippy::undocumented_unsafe_blocks)]
+
+pub mod buf;
+pub mod client;
+pub mod frame;
+pub mod op;
+pub mod port;
+pub mod server;
+pub mod units;

@@ -1,0 +1,210 @@
+//! Operations: the portable vocabulary of work handed to a completion port.
+//!
+//! This module owns the *shape* of an operation and of its result. An [`Op`]
+//! is a plain value that owns everything the kernel will touch while the
+//! operation runs: the socket (by `Arc`, so its descriptor cannot be closed
+//! and reused underneath the kernel), the buffers to send, the address to
+//! connect to. Submitting an `Op` moves it into the port; the port keeps it
+//! until the completion is reaped and then hands every owned value back in
+//! the [`Outcome`] — the seeds' OVERLAPPED + per-IO context, without raw
+//! pointers for the user to keep alive.
+//!
+//! Nothing here is platform specific; how each operation is expressed to
+//! the kernel lives beside the backend (`port/sys/*`).
+
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use socket2::Socket;
+
+use crate::buf::RecvBuf;
+
+/// Identity of one submitted operation: a slot in the port's table of
+/// in-flight operations plus that slot's generation, so a stale id (for an
+/// operation that already completed and whose slot was reused) never
+/// matches a newer operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct OpId(pub(crate) u64);
+
+impl OpId {
+    /// The raw 64-bit value (slot in the low half, generation in the high half).
+    pub fn raw(self) -> u64 {
+        self.0
+    }
+}
+
+/// Most buffers one gathered send may carry (one `sendmsg`/`WSASend`).
+pub const MAX_SEND_BUFS: usize = 64;
+
+/// An operation to run on a completion port. Every variant owns what the
+/// kernel may read or write until the completion comes back.
+pub enum Op {
+    /// Accept connections on a listening socket. On io_uring this is a
+    /// multishot accept: one submission yields a completion per accepted
+    /// connection until it ends (then `more == false` and it must be posted
+    /// again) — the seeds' pre-posted AcceptEx, always outstanding.
+    Accept {
+        /// The listening socket.
+        listener: Arc<Socket>,
+    },
+    /// Receive into a buffer taken from the port's pool at the moment data
+    /// arrives, so an idle connection pins no receive buffer.
+    Recv {
+        /// The connected socket.
+        socket: Arc<Socket>,
+    },
+    /// Send several buffers in one gathered send (`sendmsg` with an iovec
+    /// per buffer). The completion may report fewer bytes than queued; the
+    /// caller resumes with the rest.
+    Send {
+        /// The connected socket.
+        socket: Arc<Socket>,
+        /// Buffers sent in order; at most [`MAX_SEND_BUFS`].
+        bufs: Vec<Bytes>,
+    },
+    /// Connect a socket to a peer.
+    Connect {
+        /// The socket to connect (created, not yet connected).
+        socket: Arc<Socket>,
+        /// Where to connect.
+        addr: SocketAddr,
+    },
+    /// Close a socket asynchronously. The port takes the only reference.
+    Close {
+        /// The socket to close.
+        socket: Socket,
+    },
+    /// Complete after a delay (a timer on the port).
+    Timeout {
+        /// How long until the completion.
+        after: Duration,
+    },
+}
+
+impl fmt::Debug for Op {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.kind().name())
+    }
+}
+
+impl Op {
+    /// The kind of this operation.
+    pub fn kind(&self) -> OpKind {
+        match self {
+            Op::Accept { .. } => OpKind::Accept,
+            Op::Recv { .. } => OpKind::Recv,
+            Op::Send { .. } => OpKind::Send,
+            Op::Connect { .. } => OpKind::Connect,
+            Op::Close { .. } => OpKind::Close,
+            Op::Timeout { .. } => OpKind::Timeout,
+        }
+    }
+}
+
+/// The kind of an operation, for accounting and logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum OpKind {
+    /// [`Op::Accept`].
+    Accept,
+    /// [`Op::Recv`].
+    Recv,
+    /// [`Op::Send`].
+    Send,
+    /// [`Op::Connect`].
+    Connect,
+    /// [`Op::Close`].
+    Close,
+    /// [`Op::Timeout`].
+    Timeout,
+}
+
+impl OpKind {
+    /// Lower-case name.
+    pub fn name(self) -> &'static str {
+        match self {
+            OpKind::Accept => "accept",
+            OpKind::Recv => "recv",
+            OpKind::Send => "send",
+            OpKind::Connect => "connect",
+            OpKind::Close => "close",
+            OpKind::Timeout => "timeout",
+        }
+    }
+}
+
+/// The result of a completed operation, handing back everything the
+/// operation owned.
+pub enum Outcome {
+    /// One accepted connection (or an accept error). `more` says whether the
+    /// accept is still armed; when false it must be submitted again.
+    Accepted {
+        /// The new connection.
+        result: io::Result<Socket>,
+        /// Whether the multishot accept stays armed.
+        more: bool,
+    },
+    /// Received bytes in a pooled buffer; an empty buffer means the peer
+    /// closed its sending side (EOF).
+    Received(io::Result<RecvBuf>),
+    /// A send finished: bytes written, and the buffers back.
+    Sent {
+        /// Bytes the kernel accepted.
+        result: io::Result<usize>,
+        /// The buffers the operation owned, in order.
+        bufs: Vec<Bytes>,
+    },
+    /// A connect finished; the socket comes back either way.
+    Connected {
+        /// Whether the connection was made.
+        result: io::Result<()>,
+        /// The socket the operation owned.
+        socket: Arc<Socket>,
+    },
+    /// A close finished.
+    Closed(io::Result<()>),
+    /// A timer fired (`Ok`) or was cancelled (`Err` with `ErrorKind::Interrupted`).
+    Timer(io::Result<()>),
+    /// A completion posted by [`crate::port::CompletionPort::post`].
+    Posted(u64),
+}
+
+impl fmt::Debug for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Outcome::Accepted { result, more } => f
+                .debug_struct("Accepted")
+                .field("ok", &result.is_ok())
+                .field("more", more)
+                .finish(),
+            Outcome::Received(r) => f
+                .debug_tuple("Received")
+                .field(&r.as_ref().map(|b| b.len()))
+                .finish(),
+            Outcome::Sent { result, bufs } => f
+                .debug_struct("Sent")
+                .field("result", result)
+                .field("bufs", &bufs.len())
+                .finish(),
+            Outcome::Connected { result, .. } => f.debug_tuple("Connected").field(result).finish(),
+            Outcome::Closed(r) => f.debug_tuple("Closed").field(r).finish(),
+            Outcome::Timer(r) => f.debug_tuple("Timer").field(r).finish(),
+            Outcome::Posted(v) => f.debug_tuple("Posted").field(v).finish(),
+        }
+    }
+}
+
+/// One completion taken from a port: the key given at submission (the
+/// per-handle context), the operation it completes, and its outcome.
+#[derive(Debug)]
+pub struct Completion {
+    /// The key the operation was submitted with (or the posted key).
+    pub key: u64,
+    /// The operation this completes; `None` for posted completions.
+    pub op: Option<OpId>,
+    /// What happened.
+    pub outcome: Outcome,
+}

@@ -1,0 +1,70 @@
+//! Linux process accounting read from `/proc/self`.
+
+use std::time::Duration;
+
+/// CPU time and resident memory of this process.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ProcessUsage {
+    /// User + system CPU time consumed so far.
+    pub cpu: Duration,
+    /// Resident set size in bytes.
+    pub rss: u64,
+    /// Open file descriptors.
+    pub fds: u64,
+}
+
+/// Reads this process's CPU time and RSS; `None` if `/proc` is unreadable.
+pub fn process_usage() -> Option<ProcessUsage> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name, which may contain spaces, so split
+    // after the closing parenthesis.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line (1-based),
+    // i.e. indices 11 and 12 after the state field at index 0.
+    let utime: u64 = f.get(11)?.parse().ok()?;
+    let stime: u64 = f.get(12)?.parse().ok()?;
+    let rss_pages: u64 = f.get(21)?.parse().ok()?;
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    // SAFETY: as above.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as u64;
+    let fds = std::fs::read_dir("/proc/self/fd")
+        .map(|d| d.count() as u64)
+        .unwrap_or(0);
+    Some(ProcessUsage {
+        cpu: Duration::from_nanos((utime + stime) * 1_000_000_000 / tick),
+        rss: rss_pages * page,
+        fds,
+    })
+}
+
+/// The soft limit on open file descriptors of this process.
+pub fn fd_limit() -> Option<u64> {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we pass and nothing else.
+    let rc = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) };
+    (rc == 0).then_some(r.rlim_cur as u64)
+}
+
+/// Raises the soft descriptor limit to the hard limit; returns the new soft limit.
+pub fn raise_fd_limit() -> Option<u64> {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write only the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) != 0 {
+            return None;
+        }
+        if r.rlim_cur < r.rlim_max {
+            r.rlim_cur = r.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+        }
+    }
+    fd_limit()
+}

@@ -1,0 +1,517 @@
+//! The io_uring backend: true completion-based I/O on Linux.
+//!
+//! Owns one ring, the table of operations in flight (each a `Box` whose
+//! address never moves, so the pointers inside its SQE stay valid), the
+//! provided-buffer ring receives draw from, and an eventfd that wakes a
+//! thread blocked in `io_uring_enter`.
+//!
+//! Threading: any thread may push SQEs (under `sq`), but only the port's
+//! worker threads enter the kernel (`flush`, `wait`), because io_uring runs a
+//! request's task work in, and cancels it with, the task that submitted it.
+//! Only the leader (one thread at a time, enforced by the port) reaps CQEs.
+
+mod bufring;
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use io_uring::{IoUring, cqueue, opcode, squeue, types};
+use slab::Slab;
+use socket2::{SockAddr, Socket};
+
+use crate::buf::RecvBuf;
+use crate::op::{Completion, MAX_SEND_BUFS, Op, OpId, Outcome};
+use crate::port::PortConfig;
+
+use bufring::BufRing;
+
+/// user_data of the eventfd poll that wakes the leader.
+const WAKE_UD: u64 = u64::MAX;
+/// user_data of cancel requests; their own completions carry nothing.
+const CANCEL_UD: u64 = u64::MAX - 1;
+/// Buffer group id of the provided-buffer ring.
+const BGID: u16 = 0;
+
+/// Per-operation memory the kernel reads through pointers in the SQE. Lives
+/// inside the operation's `Box`, so it never moves while in flight.
+enum Scratch {
+    None,
+    Msg {
+        hdr: libc::msghdr,
+        iov: Vec<libc::iovec>,
+    },
+    Addr(SockAddr),
+    Time(types::Timespec),
+}
+
+/// One operation in flight: the op (owning buffers and socket) and its scratch.
+struct InFlight {
+    key: u64,
+    generation: u32,
+    op: Op,
+    scratch: Scratch,
+}
+
+// SAFETY: the raw pointers in `Scratch::Msg` point only into this same
+// `InFlight` (its iovec vector) and into `Bytes` owned by `op`; moving the
+// box between threads moves nothing they point to.
+unsafe impl Send for InFlight {}
+
+struct Ops {
+    slab: Slab<Box<InFlight>>,
+    next_gen: u32,
+}
+
+/// The io_uring completion backend.
+pub(crate) struct Backend {
+    ring: IoUring,
+    /// Serialises pushes to the submission queue (the kernel's SQ is
+    /// single-producer).
+    sq: Mutex<()>,
+    ops: Mutex<Ops>,
+    outstanding: AtomicUsize,
+    bufs: Arc<BufRing>,
+    eventfd: OwnedFd,
+}
+
+impl std::fmt::Debug for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("uring::Backend")
+            .field("outstanding", &self.outstanding())
+            .finish()
+    }
+}
+
+fn errno(res: i32) -> io::Error {
+    io::Error::from_raw_os_error(-res)
+}
+
+impl Backend {
+    pub(crate) fn new(cfg: &PortConfig) -> io::Result<Backend> {
+        let entries = cfg.entries.clamp(64, 32768);
+        let ring = IoUring::builder()
+            .setup_cqsize(entries * 4)
+            .setup_submit_all()
+            .build(entries)
+            .or_else(|_| IoUring::builder().setup_cqsize(entries * 4).build(entries))?;
+        // SAFETY: eventfd has no memory-safety preconditions; the result is
+        // checked before it is wrapped.
+        let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if efd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: efd is a fresh descriptor nobody else owns.
+        let eventfd = unsafe { OwnedFd::from_raw_fd(efd) };
+        let bufs = Arc::new(BufRing::new(&ring, BGID, cfg.recv_bufs, cfg.recv_buf_size)?);
+        let backend = Backend {
+            ring,
+            sq: Mutex::new(()),
+            ops: Mutex::new(Ops {
+                slab: Slab::new(),
+                next_gen: 1,
+            }),
+            outstanding: AtomicUsize::new(0),
+            bufs,
+            eventfd,
+        };
+        backend.arm_wake()?;
+        Ok(backend)
+    }
+
+    pub(crate) fn name(&self) -> &'static str {
+        "uring"
+    }
+
+    pub(crate) fn associate(&self, _socket: &Socket) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn arm_wake(&self) -> io::Result<()> {
+        let sqe = opcode::PollAdd::new(types::Fd(self.eventfd.as_raw_fd()), libc::POLLIN as u32)
+            .multi(true)
+            .build()
+            .user_data(WAKE_UD);
+        self.push(&sqe)
+    }
+
+    /// Pushes one SQE. If the queue is full, what is queued is handed to the
+    /// kernel first (any thread may do that much: the entries were pushed by
+    /// workers or will be owned by whoever enters; see module docs).
+    fn push(&self, sqe: &squeue::Entry) -> io::Result<()> {
+        let _g = self.sq.lock().unwrap_or_else(|e| e.into_inner());
+        for _ in 0..1000 {
+            // SAFETY: `sq` is held, so this is the only submission-queue
+            // handle alive; the SQE's pointers are into a boxed `InFlight`
+            // (or nothing) that stays alive until its completion is reaped.
+            let pushed = unsafe {
+                let mut sq = self.ring.submission_shared();
+                let r = sq.push(sqe).is_ok();
+                sq.sync();
+                r
+            };
+            if pushed {
+                return Ok(());
+            }
+            match self.ring.submit() {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => std::thread::yield_now(),
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Err(io::Error::new(
+            io::ErrorKind::WouldBlock,
+            "io_uring submission queue stayed full",
+        ))
+    }
+
+    pub(crate) fn submit(&self, key: u64, op: Op) -> io::Result<OpId> {
+        let mut inflight = Box::new(InFlight {
+            key,
+            generation: 0,
+            op,
+            scratch: Scratch::None,
+        });
+        let (idx, generation) = {
+            let mut ops = self.ops.lock().unwrap_or_else(|e| e.into_inner());
+            let generation = ops.next_gen;
+            ops.next_gen = ops.next_gen.wrapping_add(1).max(1);
+            inflight.generation = generation;
+            let entry = ops.slab.vacant_entry();
+            let idx = entry.key();
+            // Build the SQE while the box is already at its final address.
+            let boxed = entry.insert(inflight);
+            let ud = ((generation as u64) << 32) | idx as u64;
+            let sqe = match build_sqe(boxed, &self.bufs, ud) {
+                Ok(s) => s,
+                Err(e) => {
+                    ops.slab.remove(idx);
+                    return Err(e);
+                }
+            };
+            drop(ops);
+            if let Err(e) = self.push(&sqe) {
+                let mut ops = self.ops.lock().unwrap_or_else(|e| e.into_inner());
+                ops.slab.remove(idx);
+                return Err(e);
+            }
+            (idx, generation)
+        };
+        self.outstanding.fetch_add(1, Ordering::Relaxed);
+        Ok(OpId(((generation as u64) << 32) | idx as u64))
+    }
+
+    pub(crate) fn cancel(&self, id: OpId) -> io::Result<()> {
+        let sqe = opcode::AsyncCancel::new(id.0).build().user_data(CANCEL_UD);
+        self.push(&sqe)
+    }
+
+    pub(crate) fn flush(&self) -> io::Result<()> {
+        let _g = self.sq.lock().unwrap_or_else(|e| e.into_inner());
+        // SAFETY: `sq` is held, so this is the only submission-queue handle.
+        if unsafe { self.ring.submission_shared().is_empty() } {
+            return Ok(());
+        }
+        match self.ring.submit() {
+            Ok(_) => Ok(()),
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EBUSY) | Some(libc::EINTR) | Some(libc::EAGAIN)
+                ) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    pub(crate) fn wait(
+        &self,
+        timeout: Option<Duration>,
+        out: &mut VecDeque<Completion>,
+    ) -> io::Result<()> {
+        let res = match timeout {
+            Some(t) => {
+                let ts = types::Timespec::new()
+                    .sec(t.as_secs())
+                    .nsec(t.subsec_nanos());
+                let args = types::SubmitArgs::new().timespec(&ts);
+                self.ring.submitter().submit_with_args(1, &args)
+            }
+            None => self.ring.submit_and_wait(1),
+        };
+        match res {
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::ETIME) | Some(libc::EINTR) | Some(libc::EBUSY) | Some(libc::EAGAIN)
+                ) => {}
+            Err(e) => return Err(e),
+        }
+        self.reap(out);
+        Ok(())
+    }
+
+    /// Moves every available CQE into `out`. Leader only.
+    fn reap(&self, out: &mut VecDeque<Completion>) {
+        let mut raw: Vec<(u64, i32, u32)> = Vec::new();
+        // SAFETY: the port lets only its leader call `wait`, so this is the
+        // only completion-queue handle alive.
+        unsafe {
+            let mut cq = self.ring.completion_shared();
+            cq.sync();
+            for cqe in &mut cq {
+                raw.push((cqe.user_data(), cqe.result(), cqe.flags()));
+            }
+        }
+        if raw.is_empty() {
+            return;
+        }
+        let mut rearm_wake = false;
+        let mut ops = self.ops.lock().unwrap_or_else(|e| e.into_inner());
+        for (ud, res, flags) in raw {
+            match ud {
+                WAKE_UD => {
+                    let mut v = [0u8; 8];
+                    // SAFETY: reading 8 bytes into a local array from our own
+                    // nonblocking eventfd.
+                    unsafe {
+                        libc::read(self.eventfd.as_raw_fd(), v.as_mut_ptr().cast(), 8);
+                    }
+                    if !cqueue::more(flags) {
+                        rearm_wake = true;
+                    }
+                }
+                CANCEL_UD => {}
+                _ => {
+                    let idx = (ud & 0xFFFF_FFFF) as usize;
+                    let generation = (ud >> 32) as u32;
+                    let known = ops
+                        .slab
+                        .get(idx)
+                        .is_some_and(|e| e.generation == generation);
+                    if !known {
+                        tracing::error!(ud, "completion for an unknown operation; ignored");
+                        continue;
+                    }
+                    let id = OpId(ud);
+                    if cqueue::more(flags) {
+                        // A multishot accept stays armed: keep the op.
+                        let key = ops.slab[idx].key;
+                        let outcome = Outcome::Accepted {
+                            result: accepted(res),
+                            more: true,
+                        };
+                        out.push_back(Completion {
+                            key,
+                            op: Some(id),
+                            outcome,
+                        });
+                        continue;
+                    }
+                    let inflight = ops.slab.remove(idx);
+                    self.outstanding.fetch_sub(1, Ordering::Relaxed);
+                    let key = inflight.key;
+                    let outcome = self.finish(*inflight, res, flags);
+                    out.push_back(Completion {
+                        key,
+                        op: Some(id),
+                        outcome,
+                    });
+                }
+            }
+        }
+        drop(ops);
+        if rearm_wake && let Err(e) = self.arm_wake() {
+            tracing::error!("cannot re-arm the port's wake-up poll: {e}");
+        }
+    }
+
+    /// Turns a final CQE into the outcome, handing back what the op owned.
+    fn finish(&self, inflight: InFlight, res: i32, flags: u32) -> Outcome {
+        match inflight.op {
+            Op::Accept { .. } => Outcome::Accepted {
+                result: accepted(res),
+                more: false,
+            },
+            Op::Recv { .. } => {
+                let buf = cqueue::buffer_select(flags).map(|bid| {
+                    self.bufs.lent();
+                    RecvBuf::new(self.bufs.clone(), bid as u32, res.max(0) as usize)
+                });
+                if res < 0 {
+                    drop(buf);
+                    Outcome::Received(Err(errno(res)))
+                } else if res == 0 {
+                    drop(buf);
+                    Outcome::Received(Ok(RecvBuf::eof()))
+                } else {
+                    match buf {
+                        Some(b) => Outcome::Received(Ok(b)),
+                        None => Outcome::Received(Err(io::Error::other(
+                            "receive completed without a buffer",
+                        ))),
+                    }
+                }
+            }
+            Op::Send { bufs, .. } => Outcome::Sent {
+                result: if res < 0 {
+                    Err(errno(res))
+                } else {
+                    Ok(res as usize)
+                },
+                bufs,
+            },
+            Op::Connect { socket, .. } => Outcome::Connected {
+                result: if res < 0 { Err(errno(res)) } else { Ok(()) },
+                socket,
+            },
+            Op::Close { socket } => {
+                // The kernel closed the descriptor; don't close it again.
+                let _ = socket.into_raw_fd();
+                Outcome::Closed(if res < 0 { Err(errno(res)) } else { Ok(()) })
+            }
+            Op::Timeout { .. } => Outcome::Timer(match res {
+                0 => Ok(()),
+                r if r == -libc::ETIME => Ok(()),
+                r if r == -libc::ECANCELED => Err(io::Error::new(
+                    io::ErrorKind::Interrupted,
+                    "timer cancelled",
+                )),
+                r => Err(errno(r)),
+            }),
+        }
+    }
+
+    pub(crate) fn wake(&self) {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a local to our own eventfd.
+        unsafe {
+            libc::write(self.eventfd.as_raw_fd(), (&one as *const u64).cast(), 8);
+        }
+    }
+
+    pub(crate) fn outstanding(&self) -> usize {
+        self.outstanding.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn bufs_leased(&self) -> usize {
+        self.bufs.leased()
+    }
+}
+
+fn accepted(res: i32) -> io::Result<Socket> {
+    if res < 0 {
+        Err(errno(res))
+    } else {
+        // SAFETY: a successful accept CQE carries a new descriptor that
+        // nothing else owns.
+        Ok(unsafe { Socket::from_raw_fd(res as RawFd) })
+    }
+}
+
+/// Builds the SQE for an op already at its final (boxed) address.
+fn build_sqe(f: &mut InFlight, bufs: &BufRing, ud: u64) -> io::Result<squeue::Entry> {
+    let sqe = match &f.op {
+        Op::Accept { listener } => opcode::AcceptMulti::new(types::Fd(listener.as_raw_fd()))
+            .flags(libc::SOCK_CLOEXEC)
+            .build(),
+        Op::Recv { socket } => opcode::Recv::new(
+            types::Fd(socket.as_raw_fd()),
+            std::ptr::null_mut(),
+            bufs.buf_size(),
+        )
+        .buf_group(BGID)
+        .build()
+        .flags(squeue::Flags::BUFFER_SELECT),
+        Op::Send { socket, bufs } => {
+            if bufs.is_empty() || bufs.len() > MAX_SEND_BUFS {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "a send carries 1 to MAX_SEND_BUFS buffers",
+                ));
+            }
+            let iov: Vec<libc::iovec> = bufs
+                .iter()
+                .map(|b| libc::iovec {
+                    iov_base: b.as_ptr() as *mut _,
+                    iov_len: b.len(),
+                })
+                .collect();
+            // SAFETY: msghdr is plain old data; all-zero is a valid value.
+            let hdr: libc::msghdr = unsafe { std::mem::zeroed() };
+            f.scratch = Scratch::Msg { hdr, iov };
+            let Scratch::Msg { hdr, iov } = &mut f.scratch else {
+                unreachable!()
+            };
+            hdr.msg_iov = iov.as_mut_ptr();
+            hdr.msg_iovlen = iov.len() as _;
+            opcode::SendMsg::new(types::Fd(socket.as_raw_fd()), hdr as *const _)
+                .flags(libc::MSG_NOSIGNAL as u32)
+                .build()
+        }
+        Op::Connect { socket, addr } => {
+            f.scratch = Scratch::Addr(SockAddr::from(*addr));
+            let Scratch::Addr(sa) = &f.scratch else {
+                unreachable!()
+            };
+            opcode::Connect::new(types::Fd(socket.as_raw_fd()), sa.as_ptr().cast(), sa.len())
+                .build()
+        }
+        Op::Close { socket } => opcode::Close::new(types::Fd(socket.as_raw_fd())).build(),
+        Op::Timeout { after } => {
+            f.scratch = Scratch::Time(
+                types::Timespec::new()
+                    .sec(after.as_secs())
+                    .nsec(after.subsec_nanos()),
+            );
+            let Scratch::Time(ts) = &f.scratch else {
+                unreachable!()
+            };
+            opcode::Timeout::new(ts as *const _).build()
+        }
+    };
+    Ok(sqe.user_data(ud))
+}
+
+impl Drop for Backend {
+    /// Cancels everything still in flight and reaps until the kernel has
+    /// given every operation back. Whatever the kernel still holds after the
+    /// deadline is leaked, never freed under it.
+    fn drop(&mut self) {
+        if self.outstanding() > 0 {
+            let sqe = opcode::AsyncCancel2::new(types::CancelBuilder::any())
+                .build()
+                .user_data(CANCEL_UD);
+            let _ = self.push(&sqe);
+            let deadline = Instant::now() + Duration::from_secs(3);
+            let mut sink = VecDeque::new();
+            while self.outstanding() > 0 && Instant::now() < deadline {
+                let _ = self.wait(Some(Duration::from_millis(50)), &mut sink);
+                sink.clear();
+            }
+        }
+        if self.outstanding() > 0 {
+            tracing::error!(
+                outstanding = self.outstanding(),
+                "operations still owned by the kernel at port drop; their memory is leaked"
+            );
+            let ops = std::mem::replace(
+                self.ops.get_mut().unwrap_or_else(|e| e.into_inner()),
+                Ops {
+                    slab: Slab::new(),
+                    next_gen: 1,
+                },
+            );
+            std::mem::forget(ops);
+            self.bufs.leak_on_drop();
+        }
+    }
+}

@@ -1,0 +1,440 @@
+//! One connection: its receive state machine, send queue and close
+//! sequence (the seeds' per-handle context).
+//!
+//! Invariants, all under the connection's lock:
+//! - at most one receive and one send are in flight (`recv_op`, `send_op`),
+//!   so bytes are never reordered whatever worker runs a completion;
+//! - the socket is shut down only by [`progress`], and the connection is
+//!   removed from the table only when neither a receive, a send nor a
+//!   connect is in flight — so no completion can still need its buffers;
+//! - a completion that finds the connection gone (slot empty or reused with
+//!   another generation) is dropped by the engine, its buffers freed.
+
+use std::any::Any;
+use std::collections::VecDeque;
+use std::io;
+use std::net::{Shutdown, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use socket2::Socket;
+
+use crate::frame::{self, Decoder};
+use crate::op::{MAX_SEND_BUFS, Op, OpId};
+use crate::server::ConnId;
+use crate::server::engine::{Protocol, Shared};
+use crate::server::handler::{CloseInfo, Ctx};
+use crate::server::stats::CloseReason;
+
+/// Timer values at or above this are the engine's own.
+pub(crate) const INTERNAL_TIMER: u64 = u64::MAX - 16;
+/// Internal timer: the lingering close is over.
+const LINGER_TIMER: u64 = u64::MAX - 1;
+/// Internal timer: retry a receive that found the buffer pool empty.
+const RECV_RETRY_TIMER: u64 = u64::MAX - 2;
+
+/// Most bytes one gathered send carries.
+const MAX_SEND_BYTES: usize = 1 << 20;
+
+/// How a connection is closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CloseMode {
+    /// Send what is queued first; with `linger`, then half-close and read
+    /// (discarding) until the peer closes or the linger time passes, so the
+    /// peer sees our last bytes instead of a reset.
+    Flush { linger: bool },
+    /// Drop what is queued and shut the socket now.
+    Abort,
+}
+
+/// A connection: identity, socket and locked state.
+pub(crate) struct Conn {
+    pub(crate) id: ConnId,
+    pub(crate) socket: Arc<Socket>,
+    pub(crate) peer: Option<SocketAddr>,
+    pub(crate) local: Option<SocketAddr>,
+    /// Accepted by a listener (false: connected by a client).
+    #[allow(dead_code)]
+    pub(crate) accepted: bool,
+    pub(crate) st: Mutex<ConnState>,
+}
+
+/// The mutable part of a connection.
+pub(crate) struct ConnState {
+    pub(crate) connecting: bool,
+    pub(crate) was_open: bool,
+    decoder: Decoder,
+    sendq: VecDeque<Bytes>,
+    pub(crate) queued: usize,
+    pub(crate) send_op: Option<OpId>,
+    pub(crate) recv_op: Option<OpId>,
+    pub(crate) connect_op: Option<OpId>,
+    timers: Vec<(OpId, u64)>,
+    read_eof: bool,
+    /// Reading paused because the send queue is over its limit.
+    paused: bool,
+    /// Waiting to retry a receive that found the buffer pool empty.
+    retry_wait: bool,
+    closing: Option<(CloseReason, Option<String>)>,
+    draining: bool,
+    linger: bool,
+    shut: bool,
+    pub(crate) finalized: bool,
+    bytes_in: u64,
+    bytes_out: u64,
+    pub(crate) user: Option<Box<dyn Any + Send>>,
+}
+
+impl ConnState {
+    pub(crate) fn new(max_frame: u32, connecting: bool) -> ConnState {
+        ConnState {
+            connecting,
+            was_open: false,
+            decoder: Decoder::new(max_frame),
+            sendq: VecDeque::new(),
+            queued: 0,
+            send_op: None,
+            recv_op: None,
+            connect_op: None,
+            timers: Vec::new(),
+            read_eof: false,
+            paused: false,
+            retry_wait: false,
+            closing: None,
+            draining: false,
+            linger: false,
+            shut: false,
+            finalized: false,
+            bytes_in: 0,
+            bytes_out: 0,
+            user: None,
+        }
+    }
+
+    pub(crate) fn is_closing(&self) -> bool {
+        self.closing.is_some()
+    }
+
+    pub(crate) fn enqueue(&mut self, bytes: Bytes) {
+        if self.closing.is_some() && !self.draining || bytes.is_empty() {
+            return;
+        }
+        self.queued += bytes.len();
+        self.sendq.push_back(bytes);
+    }
+
+    /// Records the decision to close; [`progress`] carries it out. The first
+    /// reason wins; an abort overrides a flush in progress.
+    pub(crate) fn close(&mut self, reason: CloseReason, mode: CloseMode, error: Option<String>) {
+        match (&self.closing, mode) {
+            (None, CloseMode::Flush { linger }) => {
+                self.closing = Some((reason, error));
+                self.draining = true;
+                self.linger = linger;
+            }
+            (None, CloseMode::Abort) => {
+                self.closing = Some((reason, error));
+                self.abort_queue();
+            }
+            (Some(_), CloseMode::Abort) => self.abort_queue(),
+            (Some(_), CloseMode::Flush { .. }) => {}
+        }
+    }
+
+    fn abort_queue(&mut self) {
+        self.draining = false;
+        self.linger = false;
+        self.sendq.clear();
+        self.queued = self.send_in_flight_bytes();
+    }
+
+    fn send_in_flight_bytes(&self) -> usize {
+        // While a send is in flight `queued` includes it; after an abort we
+        // only wait for it, so what it still counts is unknown and harmless.
+        if self.send_op.is_some() {
+            self.queued
+        } else {
+            0
+        }
+    }
+
+    pub(crate) fn set_timer(
+        &mut self,
+        conn: &Conn,
+        shared: &Shared,
+        after: Duration,
+        value: u64,
+    ) -> io::Result<()> {
+        let port = shared.port_of(conn.id);
+        let id = port.submit(conn.id.key(), Op::Timeout { after })?;
+        self.timers.push((id, value));
+        Ok(())
+    }
+
+    /// Takes the timer value for a completed timer op.
+    pub(crate) fn take_timer(&mut self, op: OpId) -> Option<u64> {
+        let i = self.timers.iter().position(|(id, _)| *id == op)?;
+        Some(self.timers.swap_remove(i).1)
+    }
+}
+
+/// Handles bytes received on an open connection.
+pub(crate) fn on_received(shared: &Shared, conn: &Conn, st: &mut ConnState, data: &[u8]) {
+    st.bytes_in += data.len() as u64;
+    shared.stats.bytes_in(data.len());
+    if st.closing.is_some() {
+        return; // lingering: discard
+    }
+    match shared.protocol {
+        Protocol::Raw => {
+            let h = shared.handler.clone();
+            h.on_data(&mut Ctx { conn, st, shared }, data);
+        }
+        Protocol::Framed => {
+            st.decoder.feed(data);
+            loop {
+                match st.decoder.decode() {
+                    Ok(Some(f)) => {
+                        shared.stats.frame_in(f.body_len());
+                        let h = shared.handler.clone();
+                        h.on_frame(&mut Ctx { conn, st, shared }, f);
+                        if st.closing.is_some() {
+                            break;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::debug!(conn = %conn.id, peer = ?conn.peer, "{e}");
+                        let mut ctx = Ctx { conn, st, shared };
+                        ctx.send_error(frame::code::FRAME_TOO_LARGE, &e.to_string());
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Carries a connection forward after any event: starts the next send,
+/// re-arms the receive, executes a close decision, and finalises the
+/// connection once nothing is in flight. Call with the lock held.
+pub(crate) fn progress(shared: &Shared, conn: &Conn, st: &mut ConnState) {
+    if st.finalized {
+        return;
+    }
+    let port = shared.port_of(conn.id);
+    // Sending.
+    if st.send_op.is_none() && !st.sendq.is_empty() && !st.shut && !st.connecting {
+        let mut bufs = Vec::with_capacity(st.sendq.len().min(MAX_SEND_BUFS));
+        let mut bytes = 0;
+        while let Some(b) = st.sendq.front() {
+            if bufs.len() == MAX_SEND_BUFS || (bytes > 0 && bytes + b.len() > MAX_SEND_BYTES) {
+                break;
+            }
+            bytes += b.len();
+            bufs.push(st.sendq.pop_front().expect("front exists"));
+        }
+        match port.submit(
+            conn.id.key(),
+            Op::Send {
+                socket: conn.socket.clone(),
+                bufs,
+            },
+        ) {
+            Ok(id) => st.send_op = Some(id),
+            Err(e) => st.close(CloseReason::Error, CloseMode::Abort, Some(e.to_string())),
+        }
+    }
+    // Backpressure: stop reading while the peer does not read our replies.
+    let limit = shared.max_send_queue;
+    if !st.paused && st.queued > limit {
+        st.paused = true;
+    } else if st.paused && st.queued <= limit / 2 {
+        st.paused = false;
+    }
+    // Closing.
+    if st.closing.is_some() {
+        if st.draining && st.sendq.is_empty() && st.send_op.is_none() {
+            st.draining = false;
+            if st.linger && !st.read_eof && !st.shut {
+                let _ = conn.socket.shutdown(Shutdown::Write);
+                if st
+                    .set_timer(conn, shared, shared.linger, LINGER_TIMER)
+                    .is_err()
+                {
+                    st.linger = false;
+                }
+            } else {
+                st.linger = false;
+            }
+        }
+        if !st.draining && !st.linger && !st.shut {
+            st.shut = true;
+            let _ = conn.socket.shutdown(Shutdown::Both);
+            if let Some(op) = st.connect_op {
+                let _ = port.cancel(op);
+            }
+        }
+    }
+    // Receiving: one receive in flight while open (or lingering).
+    let want_recv = !st.connecting
+        && !st.read_eof
+        && !st.shut
+        && !st.paused
+        && !st.retry_wait
+        && (st.closing.is_none() || st.linger);
+    if want_recv && st.recv_op.is_none() {
+        match port.submit(
+            conn.id.key(),
+            Op::Recv {
+                socket: conn.socket.clone(),
+            },
+        ) {
+            Ok(id) => st.recv_op = Some(id),
+            Err(e) => {
+                st.close(CloseReason::Error, CloseMode::Abort, Some(e.to_string()));
+                return progress(shared, conn, st);
+            }
+        }
+    }
+    if st.closing.is_some()
+        && st.recv_op.is_none()
+        && st.send_op.is_none()
+        && st.connect_op.is_none()
+        && !st.draining
+        && (!st.linger || st.read_eof)
+    {
+        if !st.shut {
+            st.shut = true;
+            let _ = conn.socket.shutdown(Shutdown::Both);
+        }
+        finalize(shared, conn, st);
+    }
+}
+
+/// The connection's end: out of the table, timers cancelled, `on_close`.
+fn finalize(shared: &Shared, conn: &Conn, st: &mut ConnState) {
+    st.finalized = true;
+    let port = shared.port_of(conn.id);
+    for (op, _) in st.timers.drain(..) {
+        let _ = port.cancel(op);
+    }
+    shared.remove_conn(conn.id);
+    let (reason, error) = st.closing.take().unwrap_or((CloseReason::Local, None));
+    shared.stats.closed(reason, st.was_open);
+    tracing::debug!(
+        conn = %conn.id,
+        peer = ?conn.peer,
+        reason = reason.name(),
+        error = error.as_deref().unwrap_or(""),
+        bytes_in = st.bytes_in,
+        bytes_out = st.bytes_out,
+        "disconnect"
+    );
+    let info = CloseInfo {
+        id: conn.id,
+        peer: conn.peer,
+        reason,
+        error,
+        bytes_in: st.bytes_in,
+        bytes_out: st.bytes_out,
+    };
+    st.sendq.clear();
+    st.queued = 0;
+    let user = st.user.take();
+    shared.handler.on_close(&info, user);
+}
+
+/// A send completed with `result`, handing back `bufs`.
+pub(crate) fn on_sent(
+    shared: &Shared,
+    st: &mut ConnState,
+    result: io::Result<usize>,
+    bufs: Vec<Bytes>,
+) {
+    st.send_op = None;
+    match result {
+        Ok(n) => {
+            st.bytes_out += n as u64;
+            shared.stats.bytes_out(n);
+            st.queued = st.queued.saturating_sub(n);
+            // Put back what the kernel did not take, in order.
+            let mut skip = n;
+            let mut rest: Vec<Bytes> = Vec::new();
+            for mut b in bufs {
+                if skip >= b.len() {
+                    skip -= b.len();
+                    continue;
+                }
+                if skip > 0 {
+                    b = b.slice(skip..);
+                    skip = 0;
+                }
+                rest.push(b);
+            }
+            if st.shut || (st.closing.is_some() && !st.draining) {
+                return;
+            }
+            for b in rest.into_iter().rev() {
+                st.sendq.push_front(b);
+            }
+        }
+        Err(e) => {
+            let reason = CloseReason::from_error(&e);
+            st.close(reason, CloseMode::Abort, Some(e.to_string()));
+        }
+    }
+}
+
+/// A receive completed (Ok with an empty buffer is EOF).
+pub(crate) fn on_recv_done(
+    shared: &Shared,
+    conn: &Conn,
+    st: &mut ConnState,
+    result: io::Result<crate::buf::RecvBuf>,
+) {
+    st.recv_op = None;
+    match result {
+        Ok(buf) if !buf.is_empty() => on_received(shared, conn, st, &buf),
+        Ok(_) => {
+            st.read_eof = true;
+            st.close(
+                CloseReason::PeerClosed,
+                CloseMode::Flush { linger: false },
+                None,
+            );
+        }
+        Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
+            // The pool is empty for a moment: try again shortly instead of
+            // spinning.
+            tracing::debug!(conn = %conn.id, "receive buffer pool exhausted; retrying");
+            if st
+                .set_timer(conn, shared, Duration::from_millis(5), RECV_RETRY_TIMER)
+                .is_ok()
+            {
+                st.retry_wait = true;
+            } else {
+                st.close(CloseReason::Error, CloseMode::Abort, Some(e.to_string()));
+            }
+        }
+        Err(e) => {
+            st.read_eof = true;
+            let reason = CloseReason::from_error(&e);
+            st.close(reason, CloseMode::Abort, Some(e.to_string()));
+        }
+    }
+}
+
+/// An internal timer fired.
+pub(crate) fn on_internal_timer(st: &mut ConnState, value: u64) {
+    match value {
+        LINGER_TIMER => {
+            st.linger = false;
+        }
+        RECV_RETRY_TIMER => {
+            st.retry_wait = false;
+        }
+        _ => {}
+    }
+}

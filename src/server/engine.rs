@@ -1,0 +1,830 @@
+//! The engine: completion ports, their worker threads, the connection
+//! tables, listeners, and shutdown. Servers and clients are both engines;
+//! a server adds listeners, a client adds outgoing connects.
+//!
+//! Each port has its own connection table (a slab; a slot's generation is in
+//! the connection id), so with one port per worker nothing is shared between
+//! workers but the counters.
+
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use socket2::{Domain, Protocol as SockProtocol, Socket, Type};
+
+use crate::frame;
+use crate::op::{Completion, Op, OpId, Outcome};
+use crate::port::{CompletionPort, PortConfig};
+use crate::server::conn::{self, CloseMode, Conn, ConnState, INTERNAL_TIMER};
+use crate::server::handler::{Ctx, Handler};
+use crate::server::stats::{CloseReason, Stats, StatsSnapshot};
+use crate::server::{ConnId, Summary};
+
+/// Wire protocol of an engine's connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// Length-prefixed frames (SPEC section 3).
+    Framed,
+    /// Bytes as they come.
+    Raw,
+}
+
+impl Protocol {
+    /// Lower-case name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Protocol::Framed => "framed",
+            Protocol::Raw => "raw",
+        }
+    }
+}
+
+/// How to build an engine.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Worker threads in all (spread evenly over the ports).
+    pub workers: usize,
+    /// Completion ports.
+    pub ports: usize,
+    /// Protocol of every connection.
+    pub protocol: Protocol,
+    /// Largest accepted frame body.
+    pub max_frame: u32,
+    /// Per-connection send queue limit; over it the connection stops being read.
+    pub max_send_queue: usize,
+    /// Connection limit; over it a new connection gets ERROR 5 and is closed.
+    pub max_conns: usize,
+    /// How long a closing connection waits for its peer after our last bytes.
+    pub linger: Duration,
+    /// Settings of each port (its `concurrency` is set from the workers).
+    pub port: PortConfig,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        let cores = thread::available_parallelism().map_or(2, |n| n.get());
+        EngineConfig {
+            workers: cores,
+            ports: 1,
+            protocol: Protocol::Framed,
+            max_frame: frame::DEFAULT_MAX_FRAME,
+            max_send_queue: 4 << 20,
+            max_conns: usize::MAX,
+            linger: Duration::from_secs(1),
+            port: PortConfig::default(),
+        }
+    }
+}
+
+// Completion keys: 2-bit tag, 6-bit port, 24-bit generation, 32-bit slot.
+const TAG_SHIFT: u32 = 62;
+const TAG_CONN: u64 = 0;
+const TAG_LISTENER: u64 = 1;
+const TAG_CTRL: u64 = 2;
+const PORT_SHIFT: u32 = 56;
+const MAX_PORTS: usize = 64;
+const GEN_MASK: u32 = 0xFF_FFFF;
+/// Listener keys with this bit are the accept back-off timer.
+const LISTENER_TIMER: u64 = 1 << 32;
+const CTRL_EXIT: u64 = 1;
+
+impl ConnId {
+    pub(crate) fn new(port: usize, generation: u32, slot: usize) -> ConnId {
+        ConnId(
+            (TAG_CONN << TAG_SHIFT)
+                | ((port as u64) << PORT_SHIFT)
+                | (((generation & GEN_MASK) as u64) << 32)
+                | slot as u64,
+        )
+    }
+    pub(crate) fn key(self) -> u64 {
+        self.0
+    }
+    pub(crate) fn port(self) -> usize {
+        ((self.0 >> PORT_SHIFT) & 0x3F) as usize
+    }
+    fn slot(self) -> usize {
+        (self.0 & 0xFFFF_FFFF) as usize
+    }
+}
+
+struct Slot {
+    conn: Arc<Conn>,
+}
+
+struct PortCtx {
+    port: CompletionPort,
+    conns: Mutex<slab::Slab<Slot>>,
+    next_gen: AtomicU32,
+    workers: usize,
+}
+
+struct Listener {
+    socket: Arc<Socket>,
+    addr: SocketAddr,
+    /// The armed accept of each port, if any.
+    accepts: Vec<Option<OpId>>,
+}
+
+/// The state every worker shares.
+pub(crate) struct Shared {
+    ports: Vec<PortCtx>,
+    pub(crate) handler: Arc<dyn Handler>,
+    pub(crate) protocol: Protocol,
+    pub(crate) max_frame: u32,
+    pub(crate) max_send_queue: usize,
+    pub(crate) max_conns: usize,
+    pub(crate) linger: Duration,
+    pub(crate) stats: Stats,
+    listeners: Mutex<Vec<Listener>>,
+    stopping: AtomicBool,
+    exiting: AtomicBool,
+    next_port: AtomicUsize,
+    started: Instant,
+    workers: usize,
+    last_accept_log: Mutex<Option<Instant>>,
+}
+
+/// A running engine: ports, workers, connections.
+pub struct Engine {
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+    summary: Option<Summary>,
+}
+
+impl fmt::Debug for Engine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Engine")
+            .field("ports", &self.shared.ports.len())
+            .field("workers", &self.shared.workers)
+            .finish()
+    }
+}
+
+/// A borrowed handle on a running engine, usable from handlers and from
+/// other threads.
+#[derive(Clone, Copy)]
+pub struct EngineRef<'a> {
+    pub(crate) shared: &'a Shared,
+}
+
+impl fmt::Debug for EngineRef<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("EngineRef")
+    }
+}
+
+impl EngineRef<'_> {
+    /// Current counters.
+    pub fn stats(&self) -> StatsSnapshot {
+        self.shared.snapshot()
+    }
+
+    /// Queues `value` to connection `id`'s [`Handler::on_posted`], run on a
+    /// worker of its port. Returns false if the connection is gone.
+    pub fn post(&self, id: ConnId, value: u64) -> bool {
+        if id.port() >= self.shared.ports.len() || self.shared.lookup(id).is_none() {
+            return false;
+        }
+        self.shared.ports[id.port()].port.post(id.key(), value);
+        true
+    }
+
+    /// Queues bytes on connection `id` from any thread. Returns false if the
+    /// connection is gone or closing.
+    pub fn send(&self, id: ConnId, bytes: bytes::Bytes) -> bool {
+        self.shared.with_conn(id, |ctx| {
+            if ctx.is_closing() {
+                false
+            } else {
+                ctx.send(bytes);
+                true
+            }
+        }) == Some(true)
+    }
+
+    /// Closes connection `id` after its queued bytes are sent.
+    pub fn close(&self, id: ConnId) -> bool {
+        self.shared.with_conn(id, |ctx| ctx.close()).is_some()
+    }
+
+    /// Connections open now.
+    pub fn open_connections(&self) -> u64 {
+        self.shared.stats.open()
+    }
+}
+
+impl Engine {
+    /// Starts an engine: creates the ports and their worker threads.
+    pub fn start(cfg: EngineConfig, handler: Arc<dyn Handler>) -> io::Result<Engine> {
+        if cfg.ports == 0 || cfg.ports > MAX_PORTS {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("--ports must be between 1 and {MAX_PORTS}"),
+            ));
+        }
+        if cfg.workers < cfg.ports {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "--workers must be at least --ports (every port needs a worker)",
+            ));
+        }
+        let mut ports = Vec::with_capacity(cfg.ports);
+        for i in 0..cfg.ports {
+            let workers = cfg.workers / cfg.ports + usize::from(i < cfg.workers % cfg.ports);
+            let mut pc = cfg.port.clone();
+            pc.concurrency = workers;
+            let port = CompletionPort::new(&pc)?;
+            ports.push(PortCtx {
+                port,
+                conns: Mutex::new(slab::Slab::new()),
+                next_gen: AtomicU32::new(1),
+                workers,
+            });
+        }
+        let shared = Arc::new(Shared {
+            ports,
+            handler,
+            protocol: cfg.protocol,
+            max_frame: cfg.max_frame,
+            max_send_queue: cfg.max_send_queue,
+            max_conns: cfg.max_conns,
+            linger: cfg.linger,
+            stats: Stats::default(),
+            listeners: Mutex::new(Vec::new()),
+            stopping: AtomicBool::new(false),
+            exiting: AtomicBool::new(false),
+            next_port: AtomicUsize::new(0),
+            started: Instant::now(),
+            workers: cfg.workers,
+            last_accept_log: Mutex::new(None),
+        });
+        let mut threads = Vec::new();
+        for p in 0..shared.ports.len() {
+            for w in 0..shared.ports[p].workers {
+                let s = shared.clone();
+                let t = thread::Builder::new()
+                    .name(format!("cport-p{p}w{w}"))
+                    .spawn(move || worker_main(s, p))?;
+                threads.push(t);
+            }
+        }
+        Ok(Engine {
+            shared,
+            threads,
+            summary: None,
+        })
+    }
+
+    /// A handle for sending, posting and reading stats.
+    pub fn handle(&self) -> EngineRef<'_> {
+        EngineRef {
+            shared: &self.shared,
+        }
+    }
+
+    /// Name of the backend running the ports.
+    pub fn backend(&self) -> &'static str {
+        self.shared.ports[0].port.backend()
+    }
+
+    /// Starts listening on `addr` with accepts armed on every port.
+    /// Returns the bound address (useful with port 0).
+    pub fn listen(&self, addr: SocketAddr, backlog: i32) -> io::Result<SocketAddr> {
+        let socket = Socket::new(
+            Domain::for_address(addr),
+            Type::STREAM,
+            Some(SockProtocol::TCP),
+        )?;
+        socket.set_reuse_address(true)?;
+        if addr.is_ipv6() {
+            socket.set_only_v6(true)?;
+        }
+        socket.bind(&addr.into())?;
+        socket.listen(backlog)?;
+        let bound = socket
+            .local_addr()?
+            .as_socket()
+            .ok_or_else(|| io::Error::other("listener has no IP address"))?;
+        let socket = Arc::new(socket);
+        let mut ls = self.shared.lock_listeners();
+        let idx = ls.len();
+        ls.push(Listener {
+            socket,
+            addr: bound,
+            accepts: vec![None; self.shared.ports.len()],
+        });
+        for p in 0..self.shared.ports.len() {
+            self.shared.ports[p].port.associate(&ls[idx].socket)?;
+            self.shared.arm_accept(&mut ls, p, idx)?;
+        }
+        Ok(bound)
+    }
+
+    /// Addresses being listened on.
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.shared
+            .lock_listeners()
+            .iter()
+            .map(|l| l.addr)
+            .collect()
+    }
+
+    /// Opens an outgoing connection; its handler's `on_open` (or `on_close`
+    /// with [`CloseReason::ConnectFailed`]) follows on a worker.
+    pub fn connect(&self, addr: SocketAddr) -> io::Result<ConnId> {
+        self.shared.connect(addr, None)
+    }
+
+    /// Like [`connect`](Self::connect), with the connection's user data
+    /// (see [`Ctx::data_mut`]) in place before any callback runs.
+    pub fn connect_with<T: std::any::Any + Send>(
+        &self,
+        addr: SocketAddr,
+        data: T,
+    ) -> io::Result<ConnId> {
+        self.shared.connect(addr, Some(Box::new(data)))
+    }
+
+    /// Current counters.
+    pub fn stats(&self) -> StatsSnapshot {
+        self.shared.snapshot()
+    }
+
+    /// Graceful shutdown: stop accepting; let every connection flush what is
+    /// queued for up to `grace`; then shut the rest; wait for every
+    /// operation to come back; stop the workers. Returns the final summary.
+    pub fn shutdown(&mut self, grace: Duration) -> Summary {
+        if let Some(s) = &self.summary {
+            return s.clone();
+        }
+        let sh = &self.shared;
+        {
+            let mut ls = sh.lock_listeners();
+            sh.stopping.store(true, Ordering::SeqCst);
+            for l in ls.iter_mut() {
+                for (p, a) in l.accepts.iter_mut().enumerate() {
+                    if let Some(op) = a.take() {
+                        let _ = sh.ports[p].port.cancel(op);
+                    }
+                }
+            }
+        }
+        sh.close_all(CloseMode::Flush { linger: false });
+        let deadline = Instant::now() + grace;
+        while sh.conn_count() > 0 && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(5));
+        }
+        if sh.conn_count() > 0 {
+            sh.close_all(CloseMode::Abort);
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while (sh.conn_count() > 0 || sh.outstanding() > 0) && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(5));
+        }
+        let snapshot = sh.snapshot();
+        sh.exiting.store(true, Ordering::SeqCst);
+        for pc in &sh.ports {
+            for _ in 0..pc.workers {
+                pc.port.post(TAG_CTRL << TAG_SHIFT, CTRL_EXIT);
+            }
+        }
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        sh.lock_listeners().clear();
+        let summary = Summary {
+            connections_served: snapshot.connections_accepted,
+            connections_connected: snapshot.connections_connected,
+            bytes_in: snapshot.bytes_in,
+            bytes_out: snapshot.bytes_out,
+            frames_in: snapshot.frames_in,
+            frames_out: snapshot.frames_out,
+            outstanding_ops: sh.outstanding() as u64,
+            outstanding_bufs: sh.bufs_leased() as u64,
+            connections_left: sh.conn_count() as u64,
+            uptime: sh.started.elapsed(),
+        };
+        self.summary = Some(summary.clone());
+        summary
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        if self.summary.is_none() {
+            self.shutdown(Duration::from_millis(500));
+        }
+    }
+}
+
+fn worker_main(shared: Arc<Shared>, p: usize) {
+    let mut worker = shared.ports[p].port.worker();
+    let mut batch = Vec::with_capacity(32);
+    loop {
+        if let Err(e) = worker.get_many(&mut batch, 32, Some(Duration::from_millis(250))) {
+            tracing::error!(port = p, "completion port wait failed: {e}");
+            thread::sleep(Duration::from_millis(10));
+        }
+        let mut exit = 0;
+        for c in batch.drain(..) {
+            if c.key >> TAG_SHIFT == TAG_CTRL && matches!(c.outcome, Outcome::Posted(CTRL_EXIT)) {
+                exit += 1;
+                continue;
+            }
+            shared.dispatch(p, c);
+        }
+        if exit > 0 {
+            // Took more than one exit packet: give the others back so every
+            // worker gets its own (the seeds' pitfall).
+            for _ in 1..exit {
+                shared.ports[p].port.post(TAG_CTRL << TAG_SHIFT, CTRL_EXIT);
+            }
+            break;
+        }
+        // A worker that missed its packet still exits.
+        if shared.exiting.load(Ordering::SeqCst) && shared.outstanding_on(p) == 0 {
+            break;
+        }
+    }
+}
+
+impl Shared {
+    fn lock_listeners(&self) -> MutexGuard<'_, Vec<Listener>> {
+        self.listeners.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn lock_conns(&self, p: usize) -> MutexGuard<'_, slab::Slab<Slot>> {
+        self.ports[p]
+            .conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn port_of(&self, id: ConnId) -> &CompletionPort {
+        &self.ports[id.port()].port
+    }
+
+    fn outstanding(&self) -> usize {
+        self.ports.iter().map(|p| p.port.outstanding()).sum()
+    }
+
+    fn outstanding_on(&self, p: usize) -> usize {
+        self.ports[p].port.outstanding()
+    }
+
+    fn bufs_leased(&self) -> usize {
+        self.ports.iter().map(|p| p.port.bufs_leased()).sum()
+    }
+
+    fn conn_count(&self) -> usize {
+        (0..self.ports.len())
+            .map(|p| self.lock_conns(p).len())
+            .sum()
+    }
+
+    pub(crate) fn snapshot(&self) -> StatsSnapshot {
+        let mut s = StatsSnapshot {
+            backend: self.ports[0].port.backend().to_string(),
+            protocol: self.protocol.name().to_string(),
+            ports: self.ports.len(),
+            workers: self.workers,
+            outstanding_ops: self.outstanding() as u64,
+            bufs_leased: self.bufs_leased() as u64,
+            uptime_s: self.started.elapsed().as_secs_f64(),
+            ..StatsSnapshot::default()
+        };
+        self.stats.fill(&mut s);
+        if let Some(u) = crate::port::sys::process_usage() {
+            s.cpu_s = Some(u.cpu.as_secs_f64());
+            s.rss_bytes = Some(u.rss);
+        }
+        s
+    }
+
+    fn lookup(&self, id: ConnId) -> Option<Arc<Conn>> {
+        let p = id.port();
+        if p >= self.ports.len() {
+            return None;
+        }
+        let conns = self.lock_conns(p);
+        let slot = conns.get(id.slot())?;
+        (slot.conn.id == id).then(|| slot.conn.clone())
+    }
+
+    pub(crate) fn remove_conn(&self, id: ConnId) {
+        let mut conns = self.lock_conns(id.port());
+        if conns.get(id.slot()).is_some_and(|s| s.conn.id == id) {
+            conns.remove(id.slot());
+        }
+    }
+
+    /// Runs `f` on connection `id` under its lock from any thread, then
+    /// carries the connection forward.
+    pub(crate) fn with_conn<R>(&self, id: ConnId, f: impl FnOnce(&mut Ctx<'_>) -> R) -> Option<R> {
+        let conn = self.lookup(id)?;
+        let mut st = conn.st.lock().unwrap_or_else(|e| e.into_inner());
+        if st.finalized {
+            return None;
+        }
+        let r = f(&mut Ctx {
+            conn: &conn,
+            st: &mut st,
+            shared: self,
+        });
+        conn::progress(self, &conn, &mut st);
+        Some(r)
+    }
+
+    fn close_all(&self, mode: CloseMode) {
+        for p in 0..self.ports.len() {
+            let conns: Vec<Arc<Conn>> = self
+                .lock_conns(p)
+                .iter()
+                .map(|(_, s)| s.conn.clone())
+                .collect();
+            for c in conns {
+                let mut st = c.st.lock().unwrap_or_else(|e| e.into_inner());
+                if st.finalized {
+                    continue;
+                }
+                st.close(CloseReason::Shutdown, mode, None);
+                conn::progress(self, &c, &mut st);
+            }
+        }
+    }
+
+    /// Arms the accept of listener `idx` on port `p` unless stopping.
+    /// Called with the listener table locked.
+    fn arm_accept(&self, ls: &mut [Listener], p: usize, idx: usize) -> io::Result<()> {
+        if self.stopping.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let key = (TAG_LISTENER << TAG_SHIFT) | ((p as u64) << PORT_SHIFT) | idx as u64;
+        let op = self.ports[p].port.submit(
+            key,
+            Op::Accept {
+                listener: ls[idx].socket.clone(),
+            },
+        )?;
+        ls[idx].accepts[p] = Some(op);
+        Ok(())
+    }
+
+    fn insert_conn(
+        &self,
+        p: usize,
+        socket: Socket,
+        accepted: bool,
+        connecting: bool,
+    ) -> io::Result<Arc<Conn>> {
+        let _ = socket.set_tcp_nodelay(true);
+        self.ports[p].port.associate(&socket)?;
+        let peer = socket.peer_addr().ok().and_then(|a| a.as_socket());
+        let local = socket.local_addr().ok().and_then(|a| a.as_socket());
+        let generation = self.ports[p].next_gen.fetch_add(1, Ordering::Relaxed) & GEN_MASK;
+        let mut conns = self.lock_conns(p);
+        let entry = conns.vacant_entry();
+        let id = ConnId::new(p, generation, entry.key());
+        let conn = Arc::new(Conn {
+            id,
+            socket: Arc::new(socket),
+            peer,
+            local,
+            accepted,
+            st: Mutex::new(ConnState::new(self.max_frame, connecting)),
+        });
+        entry.insert(Slot { conn: conn.clone() });
+        Ok(conn)
+    }
+
+    fn connect(
+        &self,
+        addr: SocketAddr,
+        user: Option<Box<dyn std::any::Any + Send>>,
+    ) -> io::Result<ConnId> {
+        let p = self.next_port.fetch_add(1, Ordering::Relaxed) % self.ports.len();
+        let socket = Socket::new(
+            Domain::for_address(addr),
+            Type::STREAM,
+            Some(SockProtocol::TCP),
+        )?;
+        let conn = self.insert_conn(p, socket, false, true)?;
+        let mut st = conn.st.lock().unwrap_or_else(|e| e.into_inner());
+        st.user = user;
+        match self.ports[p].port.submit(
+            conn.id.key(),
+            Op::Connect {
+                socket: conn.socket.clone(),
+                addr,
+            },
+        ) {
+            Ok(op) => {
+                st.connect_op = Some(op);
+                Ok(conn.id)
+            }
+            Err(e) => {
+                st.connecting = false;
+                st.close(
+                    CloseReason::ConnectFailed,
+                    CloseMode::Abort,
+                    Some(e.to_string()),
+                );
+                conn::progress(self, &conn, &mut st);
+                Err(e)
+            }
+        }
+    }
+
+    fn dispatch(&self, p: usize, c: Completion) {
+        match c.key >> TAG_SHIFT {
+            TAG_CONN => self.dispatch_conn(ConnId(c.key), c),
+            TAG_LISTENER => self.dispatch_listener(p, c),
+            _ => {}
+        }
+    }
+
+    fn dispatch_listener(&self, p: usize, c: Completion) {
+        let idx = (c.key & 0xFFFF_FFFF) as usize;
+        let timer = c.key & LISTENER_TIMER != 0;
+        match c.outcome {
+            Outcome::Timer(_) if timer => {
+                let mut ls = self.lock_listeners();
+                if idx < ls.len() && ls[idx].accepts[p].is_none() {
+                    if let Err(e) = self.arm_accept(&mut ls, p, idx) {
+                        tracing::error!("cannot re-arm accept: {e}");
+                    }
+                }
+            }
+            Outcome::Accepted { result, more } => {
+                let mut backoff = false;
+                match result {
+                    Ok(socket) => self.accepted(p, socket),
+                    Err(e) if e.raw_os_error() == Some(libc::ECANCELED) => {}
+                    Err(e) => {
+                        self.stats.accept_error();
+                        let scarce = matches!(
+                            e.raw_os_error(),
+                            Some(libc::EMFILE)
+                                | Some(libc::ENFILE)
+                                | Some(libc::ENOBUFS)
+                                | Some(libc::ENOMEM)
+                        );
+                        backoff = scarce;
+                        self.log_accept_error(&e);
+                    }
+                }
+                if !more {
+                    let mut ls = self.lock_listeners();
+                    if idx < ls.len() {
+                        ls[idx].accepts[p] = None;
+                        if self.stopping.load(Ordering::SeqCst) {
+                            return;
+                        }
+                        let r = if backoff {
+                            // Out of descriptors: wait before accepting again
+                            // instead of spinning on the same error.
+                            let key = c.key | LISTENER_TIMER;
+                            self.ports[p]
+                                .port
+                                .submit(
+                                    key,
+                                    Op::Timeout {
+                                        after: Duration::from_millis(100),
+                                    },
+                                )
+                                .map(drop)
+                        } else {
+                            self.arm_accept(&mut ls, p, idx)
+                        };
+                        if let Err(e) = r {
+                            tracing::error!("cannot re-arm accept: {e}");
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn log_accept_error(&self, e: &io::Error) {
+        let mut last = self
+            .last_accept_log
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        if last.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1)) {
+            *last = Some(now);
+            tracing::warn!("accept failed: {e}");
+        }
+    }
+
+    fn accepted(&self, p: usize, socket: Socket) {
+        if self.stopping.load(Ordering::SeqCst) {
+            return; // dropping the socket closes it
+        }
+        let conn = match self.insert_conn(p, socket, true, false) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!("cannot set up an accepted connection: {e}");
+                return;
+            }
+        };
+        self.stats.opened(true);
+        let mut st = conn.st.lock().unwrap_or_else(|e| e.into_inner());
+        st.was_open = true;
+        tracing::debug!(conn = %conn.id, peer = ?conn.peer, "connect");
+        let over = self.stats.open() > self.max_conns as u64;
+        let mut ctx = Ctx {
+            conn: &conn,
+            st: &mut st,
+            shared: self,
+        };
+        if over {
+            ctx.send_error(frame::code::BUSY, "server busy: connection limit reached");
+        } else {
+            let h = self.handler.clone();
+            h.on_open(&mut ctx);
+        }
+        conn::progress(self, &conn, &mut st);
+    }
+
+    fn dispatch_conn(&self, id: ConnId, c: Completion) {
+        let Some(conn) = self.lookup(id) else {
+            // The connection is gone (or its slot reused): the outcome and
+            // whatever it hands back are dropped here.
+            self.stats.late();
+            return;
+        };
+        let mut st = conn.st.lock().unwrap_or_else(|e| e.into_inner());
+        if st.finalized {
+            self.stats.late();
+            return;
+        }
+        match c.outcome {
+            Outcome::Received(r) => conn::on_recv_done(self, &conn, &mut st, r),
+            Outcome::Sent { result, bufs } => conn::on_sent(self, &mut st, result, bufs),
+            Outcome::Connected { result, .. } => {
+                st.connect_op = None;
+                st.connecting = false;
+                match result {
+                    Ok(()) if !st.is_closing() => {
+                        self.stats.opened(false);
+                        st.was_open = true;
+                        let h = self.handler.clone();
+                        h.on_open(&mut Ctx {
+                            conn: &conn,
+                            st: &mut st,
+                            shared: self,
+                        });
+                    }
+                    Ok(()) => {}
+                    Err(e) => st.close(
+                        CloseReason::ConnectFailed,
+                        CloseMode::Abort,
+                        Some(e.to_string()),
+                    ),
+                }
+            }
+            Outcome::Timer(r) => {
+                if let Some(op) = c.op
+                    && let Some(value) = st.take_timer(op)
+                    && r.is_ok()
+                {
+                    if value >= INTERNAL_TIMER {
+                        conn::on_internal_timer(&mut st, value);
+                    } else if !st.is_closing() {
+                        let h = self.handler.clone();
+                        h.on_timer(
+                            &mut Ctx {
+                                conn: &conn,
+                                st: &mut st,
+                                shared: self,
+                            },
+                            value,
+                        );
+                    }
+                }
+            }
+            Outcome::Posted(v) => {
+                if !st.is_closing() {
+                    let h = self.handler.clone();
+                    h.on_posted(
+                        &mut Ctx {
+                            conn: &conn,
+                            st: &mut st,
+                            shared: self,
+                        },
+                        v,
+                    );
+                }
+            }
+            Outcome::Accepted { .. } | Outcome::Closed(_) => {}
+        }
+        conn::progress(self, &conn, &mut st);
+    }
+}

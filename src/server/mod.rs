@@ -1,0 +1,95 @@
+//! Servers: connections on completion ports, handlers, and the built-in
+//! services.
+//!
+//! [`Engine`] is the machinery (ports, workers, connection tables, send
+//! queues, shutdown); [`Handler`] is what a service implements;
+//! [`Services`] is cport's own service (ECHO, PING, STATS; raw echo).
+
+mod conn;
+mod engine;
+mod handler;
+mod services;
+mod stats;
+
+use std::fmt;
+use std::time::Duration;
+
+pub use engine::{Engine, EngineConfig, EngineRef, Protocol};
+pub use handler::{CloseInfo, Ctx, Handler};
+pub use services::Services;
+pub use stats::{CloseReason, Stats, StatsSnapshot};
+
+/// Identity of a connection: its port, its slot in that port's table, and
+/// the slot's generation, so an id never names a later connection that
+/// reused the slot.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnId(pub(crate) u64);
+
+impl ConnId {
+    /// The raw value (also the completion key of the connection's operations).
+    pub fn raw(self) -> u64 {
+        self.0
+    }
+}
+
+impl fmt::Debug for ConnId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{self}")
+    }
+}
+
+impl fmt::Display for ConnId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}.{}",
+            self.port(),
+            self.0 & 0xFFFF_FFFF,
+            (self.0 >> 32) & 0xFF_FFFF
+        )
+    }
+}
+
+/// What an engine did over its life, given by [`Engine::shutdown`].
+#[derive(Debug, Clone, Default)]
+pub struct Summary {
+    /// Connections accepted.
+    pub connections_served: u64,
+    /// Outgoing connections made.
+    pub connections_connected: u64,
+    /// Bytes received.
+    pub bytes_in: u64,
+    /// Bytes sent.
+    pub bytes_out: u64,
+    /// Frames received.
+    pub frames_in: u64,
+    /// Frames sent.
+    pub frames_out: u64,
+    /// Operations still in flight when the workers stopped (must be 0).
+    pub outstanding_ops: u64,
+    /// Pooled buffers still lent out when the workers stopped (must be 0).
+    pub outstanding_bufs: u64,
+    /// Connections still in the tables when the workers stopped (must be 0).
+    pub connections_left: u64,
+    /// How long the engine ran.
+    pub uptime: Duration,
+}
+
+impl fmt::Display for Summary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "connections_served={} connections_connected={} bytes_in={} bytes_out={} frames_in={} frames_out={} outstanding_ops={} outstanding_bufs={} connections_left={} uptime_s={:.1}",
+            self.connections_served,
+            self.connections_connected,
+            self.bytes_in,
+            self.bytes_out,
+            self.frames_in,
+            self.frames_out,
+            self.outstanding_ops,
+            self.outstanding_bufs,
+            self.connections_left,
+            self.uptime.as_secs_f64()
+        )
+    }
+}
