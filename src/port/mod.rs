@@ -187,6 +187,18 @@ impl CompletionPort {
         self.inner.lock().ready.len()
     }
 
+    /// Workers idle in `get`: the leader waiting in the kernel plus those
+    /// on the waiter stack.
+    pub fn idle_workers(&self) -> usize {
+        let st = self.inner.lock();
+        st.waiters.len() + usize::from(st.leader)
+    }
+
+    /// Workers between `get` returning to them and their next `get`.
+    pub fn running_workers(&self) -> usize {
+        self.inner.lock().running
+    }
+
     /// Registers the calling thread as a worker of this port. A thread can
     /// be a worker of one port at a time; the returned value cannot leave
     /// the thread.

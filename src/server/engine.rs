@@ -654,10 +654,11 @@ impl Shared {
         match c.outcome {
             Outcome::Timer(_) if timer => {
                 let mut ls = self.lock_listeners();
-                if idx < ls.len() && ls[idx].accepts[p].is_none() {
-                    if let Err(e) = self.arm_accept(&mut ls, p, idx) {
-                        tracing::error!("cannot re-arm accept: {e}");
-                    }
+                if idx < ls.len()
+                    && ls[idx].accepts[p].is_none()
+                    && let Err(e) = self.arm_accept(&mut ls, p, idx)
+                {
+                    tracing::error!("cannot re-arm accept: {e}");
                 }
             }
             Outcome::Accepted { result, more } => {

@@ -47,7 +47,7 @@ pub fn fd_limit() -> Option<u64> {
     };
     // SAFETY: getrlimit writes into the struct we pass and nothing else.
     let rc = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) };
-    (rc == 0).then_some(r.rlim_cur as u64)
+    (rc == 0).then_some(r.rlim_cur)
 }
 
 /// Raises the soft descriptor limit to the hard limit; returns the new soft limit.

@@ -1,0 +1,4 @@
+//! cport's integration tests: one binary, one module per area.
+
+mod engine;
+mod port;

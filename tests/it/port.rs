@@ -1,0 +1,406 @@
+//! The completion port's contract, tested on the library directly.
+
+use std::collections::HashSet;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Barrier, mpsc};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use cport::op::{Op, Outcome};
+use cport::port::{CompletionPort, PortConfig};
+use socket2::Socket;
+
+fn port(concurrency: usize) -> CompletionPort {
+    let cfg = PortConfig {
+        concurrency,
+        recv_bufs: 256,
+        ..PortConfig::default()
+    };
+    CompletionPort::new(&cfg).expect("create port")
+}
+
+/// Waits (bounded) until `cond` holds.
+fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        thread::sleep(Duration::from_millis(2));
+    }
+}
+
+#[test]
+fn posted_completions_reach_exactly_one_worker_each() {
+    let p = port(4);
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let total = 4000u64;
+    let got = Arc::new(AtomicUsize::new(0));
+    let mut workers = Vec::new();
+    for _ in 0..3 {
+        let (p, seen, got) = (p.clone(), seen.clone(), got.clone());
+        workers.push(thread::spawn(move || {
+            let mut w = p.worker();
+            let mut batch = Vec::new();
+            while got.load(Ordering::SeqCst) < total as usize {
+                batch.clear();
+                w.get_many(&mut batch, 8, Some(Duration::from_millis(50)))
+                    .unwrap();
+                for c in batch.drain(..) {
+                    let Outcome::Posted(v) = c.outcome else {
+                        panic!("not posted")
+                    };
+                    assert_eq!(c.key, v * 3);
+                    seen.lock().unwrap().push(v);
+                    got.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        }));
+    }
+    let mut posters = Vec::new();
+    for t in 0..4u64 {
+        let p = p.clone();
+        posters.push(thread::spawn(move || {
+            for i in 0..total / 4 {
+                let v = t * (total / 4) + i;
+                p.post(v * 3, v);
+            }
+        }));
+    }
+    for t in posters {
+        t.join().unwrap();
+    }
+    for t in workers {
+        t.join().unwrap();
+    }
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.len(), total as usize);
+    let unique: HashSet<_> = seen.iter().collect();
+    assert_eq!(
+        unique.len(),
+        total as usize,
+        "a completion was delivered twice"
+    );
+}
+
+#[test]
+fn get_times_out_with_nothing_to_do() {
+    let p = port(2);
+    let mut w = p.worker();
+    let start = Instant::now();
+    let got = w.get(Some(Duration::from_millis(100))).unwrap();
+    assert!(got.is_none());
+    assert!(start.elapsed() >= Duration::from_millis(100));
+    assert_eq!(p.outstanding(), 0);
+}
+
+#[test]
+fn the_last_worker_to_wait_is_woken_first() {
+    let p = port(8);
+    let (tx, rx) = mpsc::channel();
+    let mut threads = Vec::new();
+    for name in 0..3usize {
+        let (pw, tx) = (p.clone(), tx.clone());
+        threads.push(thread::spawn(move || {
+            let mut w = pw.worker();
+            loop {
+                if let Some(c) = w.get(Some(Duration::from_secs(30))).unwrap() {
+                    let Outcome::Posted(v) = c.outcome else {
+                        panic!()
+                    };
+                    tx.send((name, v)).unwrap();
+                    if v == u64::MAX {
+                        return;
+                    }
+                }
+            }
+        }));
+        // Start them one after the other so the waiting order is known.
+        wait_until("worker to become idle", || p.idle_workers() == name + 1);
+    }
+    // Worker 0 leads (waits in the kernel); 1 and 2 are stacked, 2 on top.
+    p.post(1, 7);
+    let (who, v) = rx.recv_timeout(Duration::from_secs(30)).unwrap();
+    assert_eq!(
+        (who, v),
+        (2, 7),
+        "LIFO: the most recently idle worker takes the work"
+    );
+    for _ in 0..3 {
+        p.post(1, u64::MAX);
+    }
+    for t in threads {
+        t.join().unwrap();
+    }
+}
+
+#[test]
+fn concurrency_limit_holds_back_ready_work() {
+    let p = port(1);
+    p.post(1, 1);
+    p.post(1, 2);
+    let mut a = p.worker();
+    let first = a
+        .get(Some(Duration::from_secs(10)))
+        .unwrap()
+        .expect("a gets work");
+    assert!(matches!(first.outcome, Outcome::Posted(1)));
+    assert_eq!(p.running_workers(), 1);
+    // While `a` runs, `b` must not get the second completion, although it is ready.
+    let p2 = p.clone();
+    let b = thread::spawn(move || {
+        let mut b = p2.worker();
+        b.get(Some(Duration::from_millis(300))).unwrap().is_some()
+    });
+    assert!(!b.join().unwrap(), "concurrency limit 1 was exceeded");
+    assert_eq!(p.queued(), 1);
+    // When `a` comes back it takes the next one itself.
+    let second = a
+        .get(Some(Duration::from_secs(10)))
+        .unwrap()
+        .expect("second");
+    assert!(matches!(second.outcome, Outcome::Posted(2)));
+}
+
+#[test]
+fn a_submission_from_a_non_worker_thread_is_carried_out() {
+    let p = port(2);
+    let p2 = p.clone();
+    let (tx, rx) = mpsc::channel();
+    let worker = thread::spawn(move || {
+        let mut w = p2.worker();
+        let c = w.get(Some(Duration::from_secs(30))).unwrap();
+        tx.send(c.map(|c| (c.key, matches!(c.outcome, Outcome::Timer(Ok(()))))))
+            .unwrap();
+    });
+    wait_until("worker idle", || p.idle_workers() == 1);
+    p.submit(
+        42,
+        Op::Timeout {
+            after: Duration::from_millis(20),
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        rx.recv_timeout(Duration::from_secs(30)).unwrap(),
+        Some((42, true))
+    );
+    worker.join().unwrap();
+    assert_eq!(p.outstanding(), 0);
+}
+
+#[test]
+fn cancel_completes_the_target_exactly_once() {
+    let p = port(1);
+    let mut w = p.worker();
+    let id = p
+        .submit(
+            5,
+            Op::Timeout {
+                after: Duration::from_secs(60),
+            },
+        )
+        .unwrap();
+    p.cancel(id).unwrap();
+    let c = w
+        .get(Some(Duration::from_secs(30)))
+        .unwrap()
+        .expect("cancelled timer completes");
+    assert_eq!(c.op, Some(id));
+    match c.outcome {
+        Outcome::Timer(Err(e)) => assert_eq!(e.kind(), std::io::ErrorKind::Interrupted),
+        o => panic!("unexpected {o:?}"),
+    }
+    // A stale id is harmless.
+    p.cancel(id).unwrap();
+    assert!(w.get(Some(Duration::from_millis(100))).unwrap().is_none());
+    assert_eq!(p.outstanding(), 0);
+}
+
+fn pair(listener: &TcpListener) -> (TcpStream, Socket) {
+    let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    let (server, _) = listener.accept().unwrap();
+    (client, Socket::from(server))
+}
+
+#[test]
+fn multishot_accept_stays_armed() {
+    let p = port(1);
+    let mut w = p.worker();
+    let listener = Arc::new(Socket::from(TcpListener::bind("127.0.0.1:0").unwrap()));
+    let addr = listener.local_addr().unwrap().as_socket().unwrap();
+    let id = p
+        .submit(
+            9,
+            Op::Accept {
+                listener: listener.clone(),
+            },
+        )
+        .unwrap();
+    let mut clients = Vec::new();
+    for _ in 0..20 {
+        clients.push(TcpStream::connect(addr).unwrap());
+    }
+    let mut accepted = 0;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while accepted < 20 && Instant::now() < deadline {
+        if let Some(c) = w.get(Some(Duration::from_millis(100))).unwrap() {
+            match c.outcome {
+                Outcome::Accepted { result, more } => {
+                    let s = result.unwrap();
+                    assert!(more, "multishot accept ended early");
+                    assert_eq!(s.peer_addr().unwrap().as_socket().unwrap().ip(), addr.ip());
+                    accepted += 1;
+                }
+                o => panic!("unexpected {o:?}"),
+            }
+        }
+    }
+    assert_eq!(accepted, 20);
+    p.cancel(id).unwrap();
+    let c = w.get(Some(Duration::from_secs(30))).unwrap().unwrap();
+    assert!(matches!(c.outcome, Outcome::Accepted { more: false, .. }));
+    assert_eq!(p.outstanding(), 0);
+}
+
+#[test]
+fn recv_hands_back_a_pooled_buffer_and_eof() {
+    let p = port(1);
+    let mut w = p.worker();
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let (mut client, server) = pair(&l);
+    let server = Arc::new(server);
+    p.submit(
+        1,
+        Op::Recv {
+            socket: server.clone(),
+        },
+    )
+    .unwrap();
+    // Nothing arrived yet: no buffer is taken from the pool.
+    assert!(w.get(Some(Duration::from_millis(50))).unwrap().is_none());
+    assert_eq!(p.bufs_leased(), 0);
+    client.write_all(b"hello").unwrap();
+    let c = w.get(Some(Duration::from_secs(30))).unwrap().unwrap();
+    let Outcome::Received(Ok(buf)) = c.outcome else {
+        panic!()
+    };
+    assert_eq!(&buf[..], b"hello");
+    assert_eq!(p.bufs_leased(), 1);
+    drop(buf);
+    assert_eq!(p.bufs_leased(), 0);
+    p.submit(
+        1,
+        Op::Recv {
+            socket: server.clone(),
+        },
+    )
+    .unwrap();
+    drop(client);
+    let c = w.get(Some(Duration::from_secs(30))).unwrap().unwrap();
+    let Outcome::Received(Ok(buf)) = c.outcome else {
+        panic!()
+    };
+    assert!(buf.is_empty(), "EOF is an empty buffer");
+}
+
+#[test]
+fn gathered_send_and_partial_progress() {
+    let p = port(1);
+    let mut w = p.worker();
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let (mut client, server) = pair(&l);
+    let server = Arc::new(server);
+    let bufs: Vec<Bytes> = (0..10u8).map(|i| Bytes::from(vec![i; 1000])).collect();
+    let expect: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
+    p.submit(
+        3,
+        Op::Send {
+            socket: server,
+            bufs,
+        },
+    )
+    .unwrap();
+    let c = w.get(Some(Duration::from_secs(30))).unwrap().unwrap();
+    let Outcome::Sent { result, bufs } = c.outcome else {
+        panic!()
+    };
+    assert_eq!(result.unwrap(), 10_000);
+    assert_eq!(bufs.len(), 10, "the buffers come back with the completion");
+    let mut got = vec![0u8; 10_000];
+    client.read_exact(&mut got).unwrap();
+    assert_eq!(got, expect);
+}
+
+/// Closes connections with a receive and a large send in flight, thousands
+/// of times; every operation must come back and every buffer return to the
+/// pool (nothing freed while the kernel owns it: run under ASan/valgrind in
+/// the reliability suite).
+#[test]
+fn closing_with_operations_in_flight_thousands_of_times() {
+    let p = port(2);
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let stop = Arc::new(AtomicUsize::new(0));
+    let completed = Arc::new(AtomicUsize::new(0));
+    let barrier = Arc::new(Barrier::new(3));
+    let mut workers = Vec::new();
+    for _ in 0..2 {
+        let (p, stop, completed, barrier) =
+            (p.clone(), stop.clone(), completed.clone(), barrier.clone());
+        workers.push(thread::spawn(move || {
+            let mut w = p.worker();
+            barrier.wait();
+            let mut batch = Vec::new();
+            while stop.load(Ordering::SeqCst) == 0 || p.outstanding() > 0 {
+                batch.clear();
+                w.get_many(&mut batch, 16, Some(Duration::from_millis(20)))
+                    .unwrap();
+                completed.fetch_add(batch.len(), Ordering::SeqCst);
+            }
+        }));
+    }
+    barrier.wait();
+    let big = Bytes::from(vec![7u8; 256 * 1024]);
+    let rounds = 3000;
+    let mut submitted = 0;
+    for i in 0..rounds {
+        let (client, server) = pair(&l);
+        let server = Arc::new(server);
+        p.submit(
+            i,
+            Op::Recv {
+                socket: server.clone(),
+            },
+        )
+        .unwrap();
+        p.submit(
+            i,
+            Op::Send {
+                socket: server.clone(),
+                bufs: vec![big.clone()],
+            },
+        )
+        .unwrap();
+        submitted += 2;
+        if i % 2 == 0 {
+            // Reset from the peer side...
+            let s = Socket::from(client);
+            s.set_linger(Some(Duration::ZERO)).unwrap();
+            drop(s);
+        } else {
+            drop(client);
+        }
+        // ...and the server side shut while its operations are in flight.
+        let _ = server.shutdown(std::net::Shutdown::Both);
+        drop(server);
+    }
+    wait_until("all operations to complete", || p.outstanding() == 0);
+    stop.store(1, Ordering::SeqCst);
+    for t in workers {
+        t.join().unwrap();
+    }
+    assert_eq!(completed.load(Ordering::SeqCst), submitted);
+    assert_eq!(p.bufs_leased(), 0);
+    assert_eq!(p.outstanding(), 0);
+}
