@@ -49,6 +49,11 @@ pub struct PortConfig {
     pub recv_bufs: u32,
     /// Size of each receive buffer in bytes.
     pub recv_buf_size: u32,
+    /// Promise that exactly one thread will ever be this port's worker. The
+    /// backend may then use cheaper kernel notification (io_uring
+    /// `COOP_TASKRUN`), which would stall completions of operations
+    /// submitted by a worker sleeping outside the kernel.
+    pub single_worker: bool,
 }
 
 impl Default for PortConfig {
@@ -58,6 +63,7 @@ impl Default for PortConfig {
             entries: 4096,
             recv_bufs: 4096,
             recv_buf_size: 4096,
+            single_worker: false,
         }
     }
 }

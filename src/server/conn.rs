@@ -23,7 +23,7 @@ use socket2::Socket;
 use crate::frame::{self, Decoder};
 use crate::op::{MAX_SEND_BUFS, Op, OpId};
 use crate::server::ConnId;
-use crate::server::engine::{Protocol, Shared};
+use crate::server::engine::{Protocol, Shared, TimerKey};
 use crate::server::handler::{CloseInfo, Ctx};
 use crate::server::stats::CloseReason;
 
@@ -70,7 +70,8 @@ pub(crate) struct ConnState {
     pub(crate) send_op: Option<OpId>,
     pub(crate) recv_op: Option<OpId>,
     pub(crate) connect_op: Option<OpId>,
-    timers: Vec<(OpId, u64)>,
+    /// Keys of this connection's armed timers in its port's timer queue.
+    timers: Vec<TimerKey>,
     read_eof: bool,
     /// Reading paused because the send queue is over its limit.
     paused: bool,
@@ -166,16 +167,20 @@ impl ConnState {
         after: Duration,
         value: u64,
     ) -> io::Result<()> {
-        let port = shared.port_of(conn.id);
-        let id = port.submit(conn.id.key(), Op::Timeout { after })?;
-        self.timers.push((id, value));
+        let key = shared.add_timer(conn.id, after, value);
+        self.timers.push(key);
         Ok(())
     }
 
-    /// Takes the timer value for a completed timer op.
-    pub(crate) fn take_timer(&mut self, op: OpId) -> Option<u64> {
-        let i = self.timers.iter().position(|(id, _)| *id == op)?;
-        Some(self.timers.swap_remove(i).1)
+    /// Forgets a timer that fired; false if it was not this connection's.
+    pub(crate) fn take_timer(&mut self, key: TimerKey) -> bool {
+        match self.timers.iter().position(|k| *k == key) {
+            Some(i) => {
+                self.timers.swap_remove(i);
+                true
+            }
+            None => false,
+        }
     }
 }
 
@@ -316,9 +321,8 @@ pub(crate) fn progress(shared: &Shared, conn: &Conn, st: &mut ConnState) {
 /// The connection's end: out of the table, timers cancelled, `on_close`.
 fn finalize(shared: &Shared, conn: &Conn, st: &mut ConnState) {
     st.finalized = true;
-    let port = shared.port_of(conn.id);
-    for (op, _) in st.timers.drain(..) {
-        let _ = port.cancel(op);
+    for key in st.timers.drain(..) {
+        shared.cancel_timer(conn.id, key);
     }
     shared.remove_conn(conn.id);
     let (reason, error) = st.closing.take().unwrap_or((CloseReason::Local, None));

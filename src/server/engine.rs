@@ -6,10 +6,11 @@
 //! the connection id), so with one port per worker nothing is shared between
 //! workers but the counters.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -91,6 +92,7 @@ const GEN_MASK: u32 = 0xFF_FFFF;
 /// Listener keys with this bit are the accept back-off timer.
 const LISTENER_TIMER: u64 = 1 << 32;
 const CTRL_EXIT: u64 = 1;
+const CTRL_TIMERS: u64 = 2;
 
 impl ConnId {
     pub(crate) fn new(port: usize, generation: u32, slot: usize) -> ConnId {
@@ -116,11 +118,23 @@ struct Slot {
     conn: Arc<Conn>,
 }
 
+/// A timer's place in its port's queue: when it is due, and a sequence
+/// number that makes the key unique.
+pub(crate) type TimerKey = (Instant, u64);
+
 struct PortCtx {
     port: CompletionPort,
     conns: Mutex<slab::Slab<Slot>>,
     next_gen: AtomicU32,
     workers: usize,
+    /// Connection timers of this port, earliest first. Workers fire what is
+    /// due after each batch and never wait in the kernel past the earliest,
+    /// so an armed timer costs one map entry and nothing per tick.
+    timers: Mutex<BTreeMap<TimerKey, (ConnId, u64)>>,
+    timer_seq: AtomicU64,
+    /// Nanoseconds since engine start at which the last worker to wait will
+    /// wake up by itself; a timer due earlier wakes it.
+    wait_until: AtomicU64,
 }
 
 struct Listener {
@@ -238,12 +252,16 @@ impl Engine {
             let workers = cfg.workers / cfg.ports + usize::from(i < cfg.workers % cfg.ports);
             let mut pc = cfg.port.clone();
             pc.concurrency = workers;
+            pc.single_worker = workers == 1;
             let port = CompletionPort::new(&pc)?;
             ports.push(PortCtx {
                 port,
                 conns: Mutex::new(slab::Slab::new()),
                 next_gen: AtomicU32::new(1),
                 workers,
+                timers: Mutex::new(BTreeMap::new()),
+                timer_seq: AtomicU64::new(0),
+                wait_until: AtomicU64::new(u64::MAX),
             });
         }
         let shared = Arc::new(Shared {
@@ -426,7 +444,12 @@ fn worker_main(shared: Arc<Shared>, p: usize) {
     let mut worker = shared.ports[p].port.worker();
     let mut batch = Vec::with_capacity(32);
     loop {
-        if let Err(e) = worker.get_many(&mut batch, 32, Some(Duration::from_millis(250))) {
+        let timeout = shared.next_timeout(p);
+        let r = worker.get_many(&mut batch, 32, Some(timeout));
+        shared.ports[p]
+            .wait_until
+            .store(u64::MAX, Ordering::Relaxed);
+        if let Err(e) = r {
             tracing::error!(port = p, "completion port wait failed: {e}");
             thread::sleep(Duration::from_millis(10));
         }
@@ -438,6 +461,7 @@ fn worker_main(shared: Arc<Shared>, p: usize) {
             }
             shared.dispatch(p, c);
         }
+        shared.fire_timers(p);
         if exit > 0 {
             // Took more than one exit packet: give the others back so every
             // worker gets its own (the seeds' pitfall).
@@ -454,6 +478,86 @@ fn worker_main(shared: Arc<Shared>, p: usize) {
 }
 
 impl Shared {
+    fn lock_timers(&self, p: usize) -> MutexGuard<'_, BTreeMap<TimerKey, (ConnId, u64)>> {
+        self.ports[p]
+            .timers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Arms a timer for connection `id`; returns its key.
+    pub(crate) fn add_timer(&self, id: ConnId, after: Duration, value: u64) -> TimerKey {
+        let p = id.port();
+        let pc = &self.ports[p];
+        let due = Instant::now() + after;
+        let key = (due, pc.timer_seq.fetch_add(1, Ordering::Relaxed));
+        self.lock_timers(p).insert(key, (id, value));
+        let due_ns = due.duration_since(self.started).as_nanos() as u64;
+        if due_ns < pc.wait_until.load(Ordering::Relaxed) {
+            // A worker sleeps past this deadline: a posted completion brings
+            // it back to fire timers and wait again with the new deadline.
+            pc.wait_until.store(due_ns, Ordering::Relaxed);
+            pc.port.post(TAG_CTRL << TAG_SHIFT, CTRL_TIMERS);
+        }
+        key
+    }
+
+    pub(crate) fn cancel_timer(&self, id: ConnId, key: TimerKey) {
+        self.lock_timers(id.port()).remove(&key);
+    }
+
+    /// How long a worker of port `p` may wait: until the earliest timer,
+    /// and at most 250 ms (so exit checks run).
+    fn next_timeout(&self, p: usize) -> Duration {
+        let cap = Duration::from_millis(250);
+        let now = Instant::now();
+        let t = match self.lock_timers(p).first_key_value() {
+            Some(((due, _), _)) => due.saturating_duration_since(now).min(cap),
+            None => cap,
+        };
+        let until = (now + t).duration_since(self.started).as_nanos() as u64;
+        self.ports[p].wait_until.store(until, Ordering::Relaxed);
+        t
+    }
+
+    /// Runs the handlers of every timer of port `p` that is due.
+    fn fire_timers(&self, p: usize) {
+        let now = Instant::now();
+        for _ in 0..4096 {
+            let next = {
+                let mut t = self.lock_timers(p);
+                match t.first_key_value() {
+                    Some((k, _)) if k.0 <= now => t.pop_first(),
+                    _ => None,
+                }
+            };
+            let Some((key, (id, value))) = next else {
+                return;
+            };
+            let Some(conn) = self.lookup(id) else {
+                continue;
+            };
+            let mut st = conn.st.lock().unwrap_or_else(|e| e.into_inner());
+            if st.finalized || !st.take_timer(key) {
+                continue;
+            }
+            if value >= INTERNAL_TIMER {
+                conn::on_internal_timer(&mut st, value);
+            } else if !st.is_closing() {
+                let h = self.handler.clone();
+                h.on_timer(
+                    &mut Ctx {
+                        conn: &conn,
+                        st: &mut st,
+                        shared: self,
+                    },
+                    value,
+                );
+            }
+            conn::progress(self, &conn, &mut st);
+        }
+    }
+
     fn lock_listeners(&self) -> MutexGuard<'_, Vec<Listener>> {
         self.listeners.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -791,26 +895,6 @@ impl Shared {
                     ),
                 }
             }
-            Outcome::Timer(r) => {
-                if let Some(op) = c.op
-                    && let Some(value) = st.take_timer(op)
-                    && r.is_ok()
-                {
-                    if value >= INTERNAL_TIMER {
-                        conn::on_internal_timer(&mut st, value);
-                    } else if !st.is_closing() {
-                        let h = self.handler.clone();
-                        h.on_timer(
-                            &mut Ctx {
-                                conn: &conn,
-                                st: &mut st,
-                                shared: self,
-                            },
-                            value,
-                        );
-                    }
-                }
-            }
             Outcome::Posted(v) => {
                 if !st.is_closing() {
                     let h = self.handler.clone();
@@ -824,7 +908,7 @@ impl Shared {
                     );
                 }
             }
-            Outcome::Accepted { .. } | Outcome::Closed(_) => {}
+            Outcome::Accepted { .. } | Outcome::Closed(_) | Outcome::Timer(_) => {}
         }
         conn::progress(self, &conn, &mut st);
     }

@@ -94,9 +94,14 @@ fn errno(res: i32) -> io::Error {
 impl Backend {
     pub(crate) fn new(cfg: &PortConfig) -> io::Result<Backend> {
         let entries = cfg.entries.clamp(64, 32768);
-        let ring = IoUring::builder()
-            .setup_cqsize(entries * 4)
-            .setup_submit_all()
+        let mut builder = IoUring::builder();
+        builder.setup_cqsize(entries * 4).setup_submit_all();
+        if cfg.single_worker {
+            // The one worker is either running (and enters the kernel soon)
+            // or waiting in the kernel, so task work need not interrupt it.
+            builder.setup_coop_taskrun().setup_taskrun_flag();
+        }
+        let ring = builder
             .build(entries)
             .or_else(|_| IoUring::builder().setup_cqsize(entries * 4).build(entries))?;
         // SAFETY: eventfd has no memory-safety preconditions; the result is
