@@ -47,9 +47,38 @@ impl BufRing {
             .map_err(|_| io::Error::other("bad buffer ring layout"))?;
         let mem_layout = Layout::from_size_align(entries as usize * size as usize, 4096)
             .map_err(|_| io::Error::other("bad buffer pool layout"))?;
-        // SAFETY: both layouts have non-zero size.
-        let (rptr, mptr) = unsafe { (alloc_zeroed(ring_layout), alloc_zeroed(mem_layout)) };
+        // SAFETY: the layout has non-zero size.
+        let rptr = unsafe { alloc_zeroed(ring_layout) };
+        // The pool is mapped, not allocated: its pages stay untouched (no
+        // memory used) until the kernel first writes received bytes there.
+        // SAFETY: an anonymous private mapping with no address hint; the
+        // result is checked against MAP_FAILED.
+        let mptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                mem_layout.size(),
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        let mptr = if mptr == libc::MAP_FAILED {
+            std::ptr::null_mut()
+        } else {
+            mptr.cast::<u8>()
+        };
         if rptr.is_null() || mptr.is_null() {
+            // SAFETY: each pointer, if set, came from the call above with
+            // this layout or size and is not used after this.
+            unsafe {
+                if !rptr.is_null() {
+                    dealloc(rptr, ring_layout);
+                }
+                if !mptr.is_null() {
+                    libc::munmap(mptr.cast(), mem_layout.size());
+                }
+            }
             return Err(io::Error::new(
                 io::ErrorKind::OutOfMemory,
                 "cannot allocate the receive buffer pool",
@@ -147,10 +176,11 @@ impl Drop for BufRing {
         if self.leak.load(Ordering::Relaxed) {
             return;
         }
-        // SAFETY: allocated in `new` with exactly these layouts.
+        // SAFETY: `ring` was allocated in `new` with this layout and `mem`
+        // mapped with this size; no lease is alive (each holds an Arc).
         unsafe {
             dealloc(self.ring.cast(), self.ring_layout);
-            dealloc(self.mem, self.mem_layout);
+            libc::munmap(self.mem.cast(), self.mem_layout.size());
         }
     }
 }
