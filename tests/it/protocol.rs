@@ -1,7 +1,5 @@
 //! PING, STATS, unimplemented commands, listeners (IPv6, several).
 
-use std::time::{Duration, Instant};
-
 use crate::util::*;
 
 #[test]
