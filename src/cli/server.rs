@@ -65,6 +65,15 @@ pub(crate) struct ServerArgs {
     /// Pooled receive buffers per port.
     #[arg(long, value_name = "N", default_value_t = 4096)]
     recv_bufs: u32,
+    /// Close connections that send nothing for this long, with ERROR 6 (0: never).
+    #[arg(long, value_name = "DUR", value_parser = parse_duration, default_value = "60s")]
+    idle_timeout: Duration,
+    /// TCP keepalive idle time (SO_KEEPALIVE, TCP_KEEPIDLE/INTVL/CNT, TCP_USER_TIMEOUT; 0: off).
+    #[arg(long, value_name = "DUR", value_parser = parse_duration, default_value = "30s")]
+    keepalive: Duration,
+    /// Cap on bytes queued for sending over all connections.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "1GiB")]
+    max_queued_total: u64,
     /// On shutdown, how long connections may flush their queues.
     #[arg(long, value_name = "DUR", value_parser = parse_duration, default_value = "1s")]
     shutdown_grace: Duration,
@@ -111,9 +120,10 @@ pub(crate) fn run(a: ServerArgs) -> anyhow::Result<i32> {
         },
         max_frame: a.max_frame as u32,
         max_send_queue: a.max_send_queue as usize,
-        max_conns: a
-            .max_conns
-            .unwrap_or(fd_limit.saturating_sub(64).max(1) as usize),
+        max_conns: a.max_conns.unwrap_or(default_max_conns(fd_limit)),
+        idle_timeout: (!a.idle_timeout.is_zero()).then_some(a.idle_timeout),
+        keepalive: (!a.keepalive.is_zero()).then_some(a.keepalive.max(Duration::from_secs(1))),
+        max_queued_total: a.max_queued_total as usize,
         ..EngineConfig::default()
     };
     cfg.port.recv_buf_size = a.recv_buf.clamp(512, 1 << 20) as u32;
@@ -169,6 +179,12 @@ pub(crate) fn run(a: ServerArgs) -> anyhow::Result<i32> {
         tracing::error!("operations or buffers were still outstanding at exit");
     }
     Ok(0)
+}
+
+/// What the descriptor limit allows, minus a reserve for listeners, the
+/// ports and files (64, or a quarter of a small limit).
+fn default_max_conns(fd_limit: u64) -> usize {
+    fd_limit.saturating_sub(64.min(fd_limit / 4)).max(1) as usize
 }
 
 fn log_rates(a: &(Instant, StatsSnapshot), b: &(Instant, StatsSnapshot)) {

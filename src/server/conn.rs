@@ -14,8 +14,10 @@ use std::any::Any;
 use std::collections::VecDeque;
 use std::io;
 use std::net::{Shutdown, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use std::time::Instant;
 
 use bytes::Bytes;
 use socket2::Socket;
@@ -33,6 +35,15 @@ pub(crate) const INTERNAL_TIMER: u64 = u64::MAX - 16;
 const LINGER_TIMER: u64 = u64::MAX - 1;
 /// Internal timer: retry a receive that found the buffer pool empty.
 const RECV_RETRY_TIMER: u64 = u64::MAX - 2;
+/// Internal timer: check whether the connection has been idle too long.
+const IDLE_TIMER: u64 = u64::MAX - 3;
+/// Internal timer: a closing connection took too long to flush.
+const FLUSH_TIMER: u64 = u64::MAX - 4;
+/// Posted value: the connection's broadcast inbox has something.
+pub(crate) const INBOX_POST: u64 = u64::MAX;
+/// A broadcast recipient with more than this queued is dropped when the
+/// engine is over its total queue cap.
+const BACKLOG_WHEN_OVER_CAP: usize = 64 * 1024;
 
 /// Most bytes one gathered send carries.
 const MAX_SEND_BYTES: usize = 1 << 20;
@@ -57,6 +68,12 @@ pub(crate) struct Conn {
     /// Accepted by a listener (false: connected by a client).
     #[allow(dead_code)]
     pub(crate) accepted: bool,
+    /// Broadcast frames for this connection, pushed by other connections'
+    /// callbacks. A leaf lock: never held while taking another, so any
+    /// callback may push to any inbox without risking a deadlock.
+    pub(crate) inbox: Mutex<Vec<Bytes>>,
+    /// The inbox has frames and a wake-up was posted (or is being handled).
+    pub(crate) inbox_pending: AtomicBool,
     pub(crate) st: Mutex<ConnState>,
 }
 
@@ -82,6 +99,10 @@ pub(crate) struct ConnState {
     linger: bool,
     shut: bool,
     pub(crate) finalized: bool,
+    /// When bytes last arrived (for the idle timeout).
+    last_activity: Instant,
+    /// The flush deadline of a closing connection is armed.
+    flush_deadline: bool,
     bytes_in: u64,
     bytes_out: u64,
     pub(crate) user: Option<Box<dyn Any + Send>>,
@@ -107,6 +128,8 @@ impl ConnState {
             linger: false,
             shut: false,
             finalized: false,
+            last_activity: Instant::now(),
+            flush_deadline: false,
             bytes_in: 0,
             bytes_out: 0,
             user: None,
@@ -117,17 +140,33 @@ impl ConnState {
         self.closing.is_some()
     }
 
-    pub(crate) fn enqueue(&mut self, bytes: Bytes) {
+    pub(crate) fn enqueue(&mut self, shared: &Shared, bytes: Bytes) {
         if self.closing.is_some() && !self.draining || bytes.is_empty() {
             return;
         }
         self.queued += bytes.len();
+        shared
+            .queued_total
+            .fetch_add(bytes.len(), Ordering::Relaxed);
         self.sendq.push_back(bytes);
+    }
+
+    /// Forgets `n` queued bytes that will never be sent (or were sent).
+    fn unqueue(&mut self, shared: &Shared, n: usize) {
+        let n = n.min(self.queued);
+        self.queued -= n;
+        shared.queued_total.fetch_sub(n, Ordering::Relaxed);
     }
 
     /// Records the decision to close; [`progress`] carries it out. The first
     /// reason wins; an abort overrides a flush in progress.
-    pub(crate) fn close(&mut self, reason: CloseReason, mode: CloseMode, error: Option<String>) {
+    pub(crate) fn close(
+        &mut self,
+        shared: &Shared,
+        reason: CloseReason,
+        mode: CloseMode,
+        error: Option<String>,
+    ) {
         match (&self.closing, mode) {
             (None, CloseMode::Flush { linger }) => {
                 self.closing = Some((reason, error));
@@ -136,28 +175,20 @@ impl ConnState {
             }
             (None, CloseMode::Abort) => {
                 self.closing = Some((reason, error));
-                self.abort_queue();
+                self.abort_queue(shared);
             }
-            (Some(_), CloseMode::Abort) => self.abort_queue(),
+            (Some(_), CloseMode::Abort) => self.abort_queue(shared),
             (Some(_), CloseMode::Flush { .. }) => {}
         }
     }
 
-    fn abort_queue(&mut self) {
+    /// Drops everything queued but not yet handed to the kernel. What an
+    /// in-flight send still carries is forgotten when it completes.
+    fn abort_queue(&mut self, shared: &Shared) {
         self.draining = false;
         self.linger = false;
-        self.sendq.clear();
-        self.queued = self.send_in_flight_bytes();
-    }
-
-    fn send_in_flight_bytes(&self) -> usize {
-        // While a send is in flight `queued` includes it; after an abort we
-        // only wait for it, so what it still counts is unknown and harmless.
-        if self.send_op.is_some() {
-            self.queued
-        } else {
-            0
-        }
+        let dropped: usize = self.sendq.drain(..).map(|b| b.len()).sum();
+        self.unqueue(shared, dropped);
     }
 
     pub(crate) fn set_timer(
@@ -187,6 +218,7 @@ impl ConnState {
 /// Handles bytes received on an open connection.
 pub(crate) fn on_received(shared: &Shared, conn: &Conn, st: &mut ConnState, data: &[u8]) {
     st.bytes_in += data.len() as u64;
+    st.last_activity = Instant::now();
     shared.stats.bytes_in(data.len());
     if st.closing.is_some() {
         return; // lingering: discard
@@ -229,6 +261,12 @@ pub(crate) fn progress(shared: &Shared, conn: &Conn, st: &mut ConnState) {
         return;
     }
     let port = shared.port_of(conn.id);
+    if conn.inbox_pending.swap(false, Ordering::AcqRel) {
+        let frames = std::mem::take(&mut *conn.inbox.lock().unwrap_or_else(|e| e.into_inner()));
+        for f in frames {
+            deliver_broadcast(shared, st, f);
+        }
+    }
     // Sending.
     if st.send_op.is_none() && !st.sendq.is_empty() && !st.shut && !st.connecting {
         let mut bufs = Vec::with_capacity(st.sendq.len().min(MAX_SEND_BUFS));
@@ -248,18 +286,32 @@ pub(crate) fn progress(shared: &Shared, conn: &Conn, st: &mut ConnState) {
             },
         ) {
             Ok(id) => st.send_op = Some(id),
-            Err(e) => st.close(CloseReason::Error, CloseMode::Abort, Some(e.to_string())),
+            Err(e) => st.close(
+                shared,
+                CloseReason::Error,
+                CloseMode::Abort,
+                Some(e.to_string()),
+            ),
         }
     }
-    // Backpressure: stop reading while the peer does not read our replies.
+    // Backpressure: stop reading while the peer does not read our replies,
+    // or while the whole engine is over its queue cap and this connection
+    // has replies waiting (its own send completion re-evaluates this).
     let limit = shared.max_send_queue;
     if !st.paused && st.queued > limit {
         st.paused = true;
     } else if st.paused && st.queued <= limit / 2 {
         st.paused = false;
     }
+    let over_cap =
+        st.queued > 0 && shared.queued_total.load(Ordering::Relaxed) > shared.max_queued_total;
     // Closing.
     if st.closing.is_some() {
+        if !st.flush_deadline && (st.draining || st.linger) {
+            // A peer that never reads must not hold a closing connection.
+            st.flush_deadline = true;
+            let _ = st.set_timer(conn, shared, shared.flush_timeout, FLUSH_TIMER);
+        }
         if st.draining && st.sendq.is_empty() && st.send_op.is_none() {
             st.draining = false;
             if st.linger && !st.read_eof && !st.shut {
@@ -287,6 +339,7 @@ pub(crate) fn progress(shared: &Shared, conn: &Conn, st: &mut ConnState) {
         && !st.read_eof
         && !st.shut
         && !st.paused
+        && !over_cap
         && !st.retry_wait
         && (st.closing.is_none() || st.linger);
     if want_recv && st.recv_op.is_none() {
@@ -298,7 +351,12 @@ pub(crate) fn progress(shared: &Shared, conn: &Conn, st: &mut ConnState) {
         ) {
             Ok(id) => st.recv_op = Some(id),
             Err(e) => {
-                st.close(CloseReason::Error, CloseMode::Abort, Some(e.to_string()));
+                st.close(
+                    shared,
+                    CloseReason::Error,
+                    CloseMode::Abort,
+                    Some(e.to_string()),
+                );
                 return progress(shared, conn, st);
             }
         }
@@ -345,9 +403,11 @@ fn finalize(shared: &Shared, conn: &Conn, st: &mut ConnState) {
         bytes_out: st.bytes_out,
     };
     st.sendq.clear();
-    st.queued = 0;
+    let left = st.queued;
+    st.unqueue(shared, left);
     let user = st.user.take();
     shared.handler.on_close(&info, user);
+    shared.conn_closed();
 }
 
 /// A send completed with `result`, handing back `bufs`.
@@ -362,7 +422,7 @@ pub(crate) fn on_sent(
         Ok(n) => {
             st.bytes_out += n as u64;
             shared.stats.bytes_out(n);
-            st.queued = st.queued.saturating_sub(n);
+            st.unqueue(shared, n);
             // Put back what the kernel did not take, in order.
             let mut skip = n;
             let mut rest: Vec<Bytes> = Vec::new();
@@ -378,6 +438,8 @@ pub(crate) fn on_sent(
                 rest.push(b);
             }
             if st.shut || (st.closing.is_some() && !st.draining) {
+                let dropped: usize = rest.iter().map(|b| b.len()).sum();
+                st.unqueue(shared, dropped);
                 return;
             }
             for b in rest.into_iter().rev() {
@@ -385,10 +447,44 @@ pub(crate) fn on_sent(
             }
         }
         Err(e) => {
+            let dropped: usize = bufs.iter().map(|b| b.len()).sum();
+            st.unqueue(shared, dropped);
             let reason = CloseReason::from_error(&e);
-            st.close(reason, CloseMode::Abort, Some(e.to_string()));
+            st.close(shared, reason, CloseMode::Abort, Some(e.to_string()));
         }
     }
+}
+
+/// Queues a broadcast frame from the inbox, or drops this connection as a
+/// slow consumer when it is too far behind.
+fn deliver_broadcast(shared: &Shared, st: &mut ConnState, frame: Bytes) {
+    if st.closing.is_some() {
+        return;
+    }
+    let over_own = st.queued + frame.len() > shared.max_send_queue;
+    let over_total = st.queued > BACKLOG_WHEN_OVER_CAP
+        && shared.queued_total.load(Ordering::Relaxed) > shared.max_queued_total;
+    if over_own || over_total {
+        shared.stats.error_sent(frame::code::SLOW_CONSUMER);
+        st.abort_queue(shared);
+        st.enqueue(
+            shared,
+            frame::error_frame(
+                frame::code::SLOW_CONSUMER,
+                "slow consumer: send queue over its limit",
+            )
+            .into_wire(),
+        );
+        st.close(
+            shared,
+            CloseReason::SlowConsumer,
+            CloseMode::Flush { linger: false },
+            None,
+        );
+        return;
+    }
+    shared.stats.frame_out(frame::cmd::BROADCAST);
+    st.enqueue(shared, frame);
 }
 
 /// A receive completed (Ok with an empty buffer is EOF).
@@ -404,6 +500,7 @@ pub(crate) fn on_recv_done(
         Ok(_) => {
             st.read_eof = true;
             st.close(
+                shared,
                 CloseReason::PeerClosed,
                 CloseMode::Flush { linger: false },
                 None,
@@ -419,25 +516,65 @@ pub(crate) fn on_recv_done(
             {
                 st.retry_wait = true;
             } else {
-                st.close(CloseReason::Error, CloseMode::Abort, Some(e.to_string()));
+                st.close(
+                    shared,
+                    CloseReason::Error,
+                    CloseMode::Abort,
+                    Some(e.to_string()),
+                );
             }
         }
         Err(e) => {
             st.read_eof = true;
             let reason = CloseReason::from_error(&e);
-            st.close(reason, CloseMode::Abort, Some(e.to_string()));
+            st.close(shared, reason, CloseMode::Abort, Some(e.to_string()));
         }
     }
 }
 
+/// Arms the idle check of a newly opened connection.
+pub(crate) fn start_idle_timer(shared: &Shared, conn: &Conn, st: &mut ConnState) {
+    if let Some(t) = shared.idle_timeout {
+        st.last_activity = Instant::now();
+        let _ = st.set_timer(conn, shared, t, IDLE_TIMER);
+    }
+}
+
 /// An internal timer fired.
-pub(crate) fn on_internal_timer(st: &mut ConnState, value: u64) {
+pub(crate) fn on_internal_timer(shared: &Shared, conn: &Conn, st: &mut ConnState, value: u64) {
     match value {
         LINGER_TIMER => {
             st.linger = false;
         }
         RECV_RETRY_TIMER => {
             st.retry_wait = false;
+        }
+        FLUSH_TIMER if st.draining || st.linger => {
+            tracing::debug!(conn = %conn.id, "flush timed out; aborting");
+            st.close(shared, CloseReason::Local, CloseMode::Abort, None);
+        }
+        IDLE_TIMER => {
+            let Some(limit) = shared.idle_timeout else {
+                return;
+            };
+            if st.closing.is_some() {
+                return;
+            }
+            // One timer per connection, re-armed lazily: activity only
+            // moves `last_activity`, and the timer checks it when it fires.
+            let idle = st.last_activity.elapsed();
+            if idle >= limit {
+                let mut ctx = Ctx { conn, st, shared };
+                ctx.send_error(
+                    frame::code::IDLE_TIMEOUT,
+                    &format!(
+                        "idle timeout: nothing received for {}s",
+                        limit.as_secs_f64()
+                    ),
+                );
+            } else {
+                let _ = st.set_timer(conn, shared, limit - idle, IDLE_TIMER);
+            }
         }
         _ => {}
     }

@@ -20,7 +20,7 @@ use socket2::{Domain, Protocol as SockProtocol, Socket, Type};
 use crate::frame;
 use crate::op::{Completion, Op, OpId, Outcome};
 use crate::port::{CompletionPort, PortConfig};
-use crate::server::conn::{self, CloseMode, Conn, ConnState, INTERNAL_TIMER};
+use crate::server::conn::{self, CloseMode, Conn, ConnState, INBOX_POST, INTERNAL_TIMER};
 use crate::server::handler::{Ctx, Handler};
 use crate::server::stats::{CloseReason, Stats, StatsSnapshot};
 use crate::server::{ConnId, Summary};
@@ -61,6 +61,18 @@ pub struct EngineConfig {
     pub max_conns: usize,
     /// How long a closing connection waits for its peer after our last bytes.
     pub linger: Duration,
+    /// How long a closing connection may take to send what it has queued
+    /// before it is aborted (a peer that never reads cannot hold it open).
+    pub flush_timeout: Duration,
+    /// A connection that sends nothing for this long gets ERROR 6 and is
+    /// closed (`None`: never).
+    pub idle_timeout: Option<Duration>,
+    /// TCP keepalive idle time for every connection (`None`: off).
+    pub keepalive: Option<Duration>,
+    /// Cap on bytes queued for sending over all connections; over it,
+    /// connections with something queued stop being read and broadcast
+    /// recipients with a backlog are dropped as slow consumers.
+    pub max_queued_total: usize,
     /// Settings of each port (its `concurrency` is set from the workers).
     pub port: PortConfig,
 }
@@ -76,6 +88,10 @@ impl Default for EngineConfig {
             max_send_queue: 4 << 20,
             max_conns: usize::MAX,
             linger: Duration::from_secs(1),
+            flush_timeout: Duration::from_secs(5),
+            idle_timeout: Some(Duration::from_secs(60)),
+            keepalive: Some(Duration::from_secs(30)),
+            max_queued_total: 1 << 30,
             port: PortConfig::default(),
         }
     }
@@ -142,6 +158,9 @@ struct Listener {
     addr: SocketAddr,
     /// The armed accept of each port, if any.
     accepts: Vec<Option<OpId>>,
+    /// Per port: the current back-off after running out of descriptors
+    /// (zero when accepting normally).
+    backoff: Vec<Duration>,
 }
 
 /// The state every worker shares.
@@ -153,10 +172,19 @@ pub(crate) struct Shared {
     pub(crate) max_send_queue: usize,
     pub(crate) max_conns: usize,
     pub(crate) linger: Duration,
+    pub(crate) flush_timeout: Duration,
+    pub(crate) idle_timeout: Option<Duration>,
+    keepalive: Option<Duration>,
+    pub(crate) max_queued_total: usize,
+    /// Bytes queued for sending over all connections (a broadcast buffer
+    /// counts once per recipient, although its memory is shared).
+    pub(crate) queued_total: AtomicUsize,
     pub(crate) stats: Stats,
     listeners: Mutex<Vec<Listener>>,
     stopping: AtomicBool,
     exiting: AtomicBool,
+    /// Some listener is backing off after EMFILE/ENFILE.
+    accept_paused: AtomicBool,
     next_port: AtomicUsize,
     started: Instant,
     workers: usize,
@@ -179,6 +207,10 @@ impl fmt::Debug for Engine {
     }
 }
 
+/// The largest value [`EngineRef::post`] carries; the values above are the
+/// engine's own.
+pub const MAX_POST_VALUE: u64 = u64::MAX - 32;
+
 /// A borrowed handle on a running engine, usable from handlers and from
 /// other threads.
 #[derive(Clone, Copy)]
@@ -199,9 +231,13 @@ impl EngineRef<'_> {
     }
 
     /// Queues `value` to connection `id`'s [`Handler::on_posted`], run on a
-    /// worker of its port. Returns false if the connection is gone.
+    /// worker of its port (PostQueuedCompletionStatus). Returns false if the
+    /// connection is gone or `value` is above [`MAX_POST_VALUE`].
     pub fn post(&self, id: ConnId, value: u64) -> bool {
-        if id.port() >= self.shared.ports.len() || self.shared.lookup(id).is_none() {
+        if value > MAX_POST_VALUE
+            || id.port() >= self.shared.ports.len()
+            || self.shared.lookup(id).is_none()
+        {
             return false;
         }
         self.shared.ports[id.port()].port.post(id.key(), value);
@@ -272,10 +308,16 @@ impl Engine {
             max_send_queue: cfg.max_send_queue,
             max_conns: cfg.max_conns,
             linger: cfg.linger,
+            flush_timeout: cfg.flush_timeout,
+            idle_timeout: cfg.idle_timeout,
+            keepalive: cfg.keepalive,
+            max_queued_total: cfg.max_queued_total,
+            queued_total: AtomicUsize::new(0),
             stats: Stats::default(),
             listeners: Mutex::new(Vec::new()),
             stopping: AtomicBool::new(false),
             exiting: AtomicBool::new(false),
+            accept_paused: AtomicBool::new(false),
             next_port: AtomicUsize::new(0),
             started: Instant::now(),
             workers: cfg.workers,
@@ -335,6 +377,7 @@ impl Engine {
             socket,
             addr: bound,
             accepts: vec![None; self.shared.ports.len()],
+            backoff: vec![Duration::ZERO; self.shared.ports.len()],
         });
         for p in 0..self.shared.ports.len() {
             self.shared.ports[p].port.associate(&ls[idx].socket)?;
@@ -478,6 +521,28 @@ fn worker_main(shared: Arc<Shared>, p: usize) {
 }
 
 impl Shared {
+    /// Puts one shared frame in every connection's inbox and wakes each
+    /// recipient's worker. Safe from inside any callback: inbox locks are
+    /// leaves. Returns the number of recipients.
+    pub(crate) fn broadcast(&self, frame: bytes::Bytes) -> usize {
+        let mut n = 0;
+        for (p, pc) in self.ports.iter().enumerate() {
+            let conns = self.lock_conns(p);
+            for (_, slot) in conns.iter() {
+                let c = &slot.conn;
+                c.inbox
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(frame.clone());
+                if !c.inbox_pending.swap(true, Ordering::AcqRel) {
+                    pc.port.post(c.id.key(), INBOX_POST);
+                }
+                n += 1;
+            }
+        }
+        n
+    }
+
     fn lock_timers(&self, p: usize) -> MutexGuard<'_, BTreeMap<TimerKey, (ConnId, u64)>> {
         self.ports[p]
             .timers
@@ -542,7 +607,7 @@ impl Shared {
                 continue;
             }
             if value >= INTERNAL_TIMER {
-                conn::on_internal_timer(&mut st, value);
+                conn::on_internal_timer(self, &conn, &mut st, value);
             } else if !st.is_closing() {
                 let h = self.handler.clone();
                 h.on_timer(
@@ -656,7 +721,7 @@ impl Shared {
                 if st.finalized {
                     continue;
                 }
-                st.close(CloseReason::Shutdown, mode, None);
+                st.close(self, CloseReason::Shutdown, mode, None);
                 conn::progress(self, &c, &mut st);
             }
         }
@@ -687,6 +752,9 @@ impl Shared {
         connecting: bool,
     ) -> io::Result<Arc<Conn>> {
         let _ = socket.set_tcp_nodelay(true);
+        if let Some(idle) = self.keepalive {
+            let _ = crate::port::sys::set_keepalive(&socket, idle);
+        }
         self.ports[p].port.associate(&socket)?;
         let peer = socket.peer_addr().ok().and_then(|a| a.as_socket());
         let local = socket.local_addr().ok().and_then(|a| a.as_socket());
@@ -700,6 +768,8 @@ impl Shared {
             peer,
             local,
             accepted,
+            inbox: Mutex::new(Vec::new()),
+            inbox_pending: AtomicBool::new(false),
             st: Mutex::new(ConnState::new(self.max_frame, connecting)),
         });
         entry.insert(Slot { conn: conn.clone() });
@@ -734,6 +804,7 @@ impl Shared {
             Err(e) => {
                 st.connecting = false;
                 st.close(
+                    self,
                     CloseReason::ConnectFailed,
                     CloseMode::Abort,
                     Some(e.to_string()),
@@ -758,6 +829,7 @@ impl Shared {
         match c.outcome {
             Outcome::Timer(_) if timer => {
                 let mut ls = self.lock_listeners();
+                // Unless a closing connection already resumed it.
                 if idx < ls.len()
                     && ls[idx].accepts[p].is_none()
                     && let Err(e) = self.arm_accept(&mut ls, p, idx)
@@ -766,53 +838,86 @@ impl Shared {
                 }
             }
             Outcome::Accepted { result, more } => {
-                let mut backoff = false;
+                let mut scarce = false;
                 match result {
-                    Ok(socket) => self.accepted(p, socket),
+                    Ok(socket) => {
+                        if self.accept_paused.load(Ordering::Relaxed) {
+                            self.reset_backoff(p, idx);
+                        }
+                        self.accepted(p, socket)
+                    }
                     Err(e) if e.raw_os_error() == Some(libc::ECANCELED) => {}
                     Err(e) => {
                         self.stats.accept_error();
-                        let scarce = matches!(
+                        scarce = matches!(
                             e.raw_os_error(),
                             Some(libc::EMFILE)
                                 | Some(libc::ENFILE)
                                 | Some(libc::ENOBUFS)
                                 | Some(libc::ENOMEM)
                         );
-                        backoff = scarce;
                         self.log_accept_error(&e);
                     }
                 }
                 if !more {
                     let mut ls = self.lock_listeners();
-                    if idx < ls.len() {
-                        ls[idx].accepts[p] = None;
-                        if self.stopping.load(Ordering::SeqCst) {
-                            return;
-                        }
-                        let r = if backoff {
-                            // Out of descriptors: wait before accepting again
-                            // instead of spinning on the same error.
-                            let key = c.key | LISTENER_TIMER;
-                            self.ports[p]
-                                .port
-                                .submit(
-                                    key,
-                                    Op::Timeout {
-                                        after: Duration::from_millis(100),
-                                    },
-                                )
-                                .map(drop)
-                        } else {
-                            self.arm_accept(&mut ls, p, idx)
-                        };
-                        if let Err(e) = r {
-                            tracing::error!("cannot re-arm accept: {e}");
-                        }
+                    if idx >= ls.len() {
+                        return;
+                    }
+                    ls[idx].accepts[p] = None;
+                    if self.stopping.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    let r = if scarce {
+                        // Out of descriptors: wait before accepting again
+                        // (100 ms doubling to 1 s) instead of spinning on
+                        // the same error; a closing connection resumes early.
+                        let b = &mut ls[idx].backoff[p];
+                        *b = (*b * 2).clamp(Duration::from_millis(100), Duration::from_secs(1));
+                        let after = *b;
+                        self.accept_paused.store(true, Ordering::Relaxed);
+                        self.ports[p]
+                            .port
+                            .submit(c.key | LISTENER_TIMER, Op::Timeout { after })
+                            .map(drop)
+                    } else {
+                        self.arm_accept(&mut ls, p, idx)
+                    };
+                    if let Err(e) = r {
+                        tracing::error!("cannot re-arm accept: {e}");
                     }
                 }
             }
             _ => {}
+        }
+    }
+
+    /// An accept succeeded: the listener's back-off is over.
+    fn reset_backoff(&self, p: usize, idx: usize) {
+        let mut ls = self.lock_listeners();
+        if let Some(l) = ls.get_mut(idx) {
+            l.backoff[p] = Duration::ZERO;
+        }
+        let any = ls.iter().any(|l| l.backoff.iter().any(|b| !b.is_zero()));
+        self.accept_paused.store(any, Ordering::Relaxed);
+    }
+
+    /// A connection closed: a descriptor is free, so a listener backing off
+    /// after EMFILE tries again now instead of at the end of its back-off.
+    pub(crate) fn conn_closed(&self) {
+        if !self.accept_paused.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut ls = self.lock_listeners();
+        for idx in 0..ls.len() {
+            for p in 0..self.ports.len() {
+                if ls[idx].accepts[p].is_none()
+                    && !ls[idx].backoff[p].is_zero()
+                    && let Err(e) = self.arm_accept(&mut ls, p, idx)
+                {
+                    tracing::error!("cannot re-arm accept: {e}");
+                }
+            }
         }
     }
 
@@ -854,6 +959,7 @@ impl Shared {
         } else {
             let h = self.handler.clone();
             h.on_open(&mut ctx);
+            conn::start_idle_timer(self, &conn, &mut st);
         }
         conn::progress(self, &conn, &mut st);
     }
@@ -880,6 +986,7 @@ impl Shared {
                     Ok(()) if !st.is_closing() => {
                         self.stats.opened(false);
                         st.was_open = true;
+                        conn::start_idle_timer(self, &conn, &mut st);
                         let h = self.handler.clone();
                         h.on_open(&mut Ctx {
                             conn: &conn,
@@ -889,12 +996,14 @@ impl Shared {
                     }
                     Ok(()) => {}
                     Err(e) => st.close(
+                        self,
                         CloseReason::ConnectFailed,
                         CloseMode::Abort,
                         Some(e.to_string()),
                     ),
                 }
             }
+            Outcome::Posted(INBOX_POST) => {} // `progress` drains the inbox
             Outcome::Posted(v) => {
                 if !st.is_closing() {
                     let h = self.handler.clone();

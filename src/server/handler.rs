@@ -98,13 +98,13 @@ impl Ctx<'_> {
     /// Queues bytes to send, after everything queued before. Sent when the
     /// callback returns, gathered with other queued buffers.
     pub fn send(&mut self, bytes: Bytes) {
-        self.st.enqueue(bytes);
+        self.st.enqueue(self.shared, bytes);
     }
 
     /// Queues a frame to send.
     pub fn send_frame(&mut self, frame: Frame) {
         self.shared.stats.frame_out(frame.cmd());
-        self.st.enqueue(frame.into_wire());
+        self.st.enqueue(self.shared, frame.into_wire());
     }
 
     /// Sends an ERROR frame; a fatal code also closes the connection once
@@ -116,22 +116,29 @@ impl Ctx<'_> {
             let reason = match code {
                 frame::code::FRAME_TOO_LARGE => CloseReason::FrameTooLarge,
                 frame::code::BUSY => CloseReason::Busy,
+                frame::code::IDLE_TIMEOUT => CloseReason::IdleTimeout,
+                frame::code::SLOW_CONSUMER => CloseReason::SlowConsumer,
                 _ => CloseReason::Local,
             };
             self.st
-                .close(reason, CloseMode::Flush { linger: true }, None);
+                .close(self.shared, reason, CloseMode::Flush { linger: true }, None);
         }
     }
 
     /// Closes the connection after what is queued has been sent.
     pub fn close(&mut self) {
-        self.st
-            .close(CloseReason::Local, CloseMode::Flush { linger: true }, None);
+        self.st.close(
+            self.shared,
+            CloseReason::Local,
+            CloseMode::Flush { linger: true },
+            None,
+        );
     }
 
     /// Closes the connection now, dropping what is queued.
     pub fn abort(&mut self) {
-        self.st.close(CloseReason::Local, CloseMode::Abort, None);
+        self.st
+            .close(self.shared, CloseReason::Local, CloseMode::Abort, None);
     }
 
     /// Whether the connection is closing (no more callbacks but `on_close`).
@@ -142,6 +149,19 @@ impl Ctx<'_> {
     /// Bytes queued and not yet acknowledged by the kernel.
     pub fn queued_bytes(&self) -> usize {
         self.st.queued
+    }
+
+    /// Sends a BROADCAST frame (cmd 2, body = this connection's id as u64
+    /// big-endian + `body`) to every connection of the engine, this one
+    /// included. The frame is built once and shared by every recipient's
+    /// queue, never copied per client. Each recipient gets a sender's
+    /// broadcasts in the order they were made. Returns the recipients.
+    pub fn broadcast(&mut self, body: &[u8]) -> usize {
+        let mut b = Vec::with_capacity(8 + body.len());
+        b.extend_from_slice(&self.conn.id.raw().to_be_bytes());
+        b.extend_from_slice(body);
+        let frame = Frame::new(frame::cmd::BROADCAST, &b);
+        self.shared.broadcast(frame.into_wire())
     }
 
     /// Calls [`Handler::on_timer`] with `value` after `after`.

@@ -14,7 +14,7 @@ mod stats;
 use std::fmt;
 use std::time::Duration;
 
-pub use engine::{Engine, EngineConfig, EngineRef, Protocol};
+pub use engine::{Engine, EngineConfig, EngineRef, MAX_POST_VALUE, Protocol};
 pub use handler::{CloseInfo, Ctx, Handler};
 pub use services::Services;
 pub use stats::{CloseReason, Stats, StatsSnapshot};

@@ -1,6 +1,6 @@
 //! cport's built-in service, itself just a [`Handler`]: ECHO, PING and
-//! STATS on the framed protocol (BROADCAST and FILE answer ERROR 2 until
-//! they are built), and echo on the raw protocol.
+//! BROADCAST, PING and STATS on the framed protocol (FILE answers ERROR 2
+//! until it is built), and echo on the raw protocol.
 
 use bytes::Bytes;
 
@@ -24,6 +24,9 @@ impl Handler for Services {
             // The request frame is the reply, byte for byte: no copy.
             cmd::ECHO => ctx.send_frame(f),
             cmd::PING => ctx.send_frame(Frame::from_parts(cmd::PONG, f.body())),
+            cmd::BROADCAST => {
+                ctx.broadcast(&f.body());
+            }
             cmd::STATS => {
                 let json = serde_json::to_vec(&ctx.engine().stats()).unwrap_or_default();
                 ctx.send_frame(Frame::new(cmd::STATS, &json));

@@ -24,13 +24,17 @@ pub enum CloseReason {
     Shutdown,
     /// A client connect failed.
     ConnectFailed,
+    /// Nothing arrived for the idle timeout.
+    IdleTimeout,
+    /// A broadcast recipient fell too far behind.
+    SlowConsumer,
     /// Any other I/O error.
     Error,
 }
 
 impl CloseReason {
     /// Every reason, in a fixed order.
-    pub const ALL: [CloseReason; 8] = [
+    pub const ALL: [CloseReason; 10] = [
         CloseReason::PeerClosed,
         CloseReason::Reset,
         CloseReason::FrameTooLarge,
@@ -38,6 +42,8 @@ impl CloseReason {
         CloseReason::Local,
         CloseReason::Shutdown,
         CloseReason::ConnectFailed,
+        CloseReason::IdleTimeout,
+        CloseReason::SlowConsumer,
         CloseReason::Error,
     ];
 
@@ -51,6 +57,8 @@ impl CloseReason {
             CloseReason::Local => "local",
             CloseReason::Shutdown => "shutdown",
             CloseReason::ConnectFailed => "connect_failed",
+            CloseReason::IdleTimeout => "idle_timeout",
+            CloseReason::SlowConsumer => "slow_consumer",
             CloseReason::Error => "error",
         }
     }
@@ -76,7 +84,7 @@ pub struct Stats {
     accepted: AtomicU64,
     connected: AtomicU64,
     open: AtomicU64,
-    closed: [AtomicU64; 8],
+    closed: [AtomicU64; 10],
     frames_in: AtomicU64,
     frames_out: AtomicU64,
     bytes_in: AtomicU64,

@@ -21,4 +21,5 @@ mod port;
 mod protocol;
 mod raw;
 mod scale;
+mod services;
 mod shutdown;

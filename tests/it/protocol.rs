@@ -127,10 +127,10 @@ fn stats_reports_workers_and_ports_shared_model() {
 }
 
 #[test]
-fn broadcast_and_file_are_unknown_commands_connection_stays_open() {
+fn file_is_an_unknown_command_connection_stays_open() {
     let mut srv = Server::start(&[]);
     let mut s = connect(srv.addr());
-    for (cmd, name) in [(CMD_BROADCAST, "BROADCAST"), (CMD_FILE, "FILE")] {
+    for (cmd, name) in [(CMD_FILE, "FILE")] {
         for body in [Vec::new(), b"some payload for the command".to_vec()] {
             write_frame(&mut s, cmd, &body).unwrap();
             let (code, msg) = expect_error(&mut s, name);

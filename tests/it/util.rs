@@ -265,6 +265,16 @@ impl Server {
     /// `--listen 127.0.0.1:0`. Adds `--backend $CPORT_TEST_BACKEND` if set.
     /// Waits (up to 30 s) until one `listening on` line per listener appeared.
     pub fn start(args: &[&str]) -> Server {
+        Server::start_inner(args, None)
+    }
+
+    /// Like [`Server::start`], with the server's descriptor limit (soft and
+    /// hard) set to `limit` before it runs, as on a machine where it is low.
+    pub fn start_with_fd_limit(args: &[&str], limit: u64) -> Server {
+        Server::start_inner(args, Some(limit))
+    }
+
+    fn start_inner(args: &[&str], fd_limit: Option<u64>) -> Server {
         let mut full: Vec<String> = vec!["server".to_string()];
         full.extend(args.iter().map(|s| s.to_string()));
         let mut listeners = args.iter().filter(|a| **a == "--listen").count();
@@ -285,7 +295,25 @@ impl Server {
         }
         eprintln!("[it] cport {}", full.join(" "));
 
-        let mut child = Command::new(cport_bin())
+        let mut cmd = Command::new(cport_bin());
+        if let Some(limit) = fd_limit {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: setrlimit is async-signal-safe and touches only the
+            // struct on this (child's) stack.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let l = libc::rlimit {
+                        rlim_cur: limit,
+                        rlim_max: limit,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &l) != 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let mut child = cmd
             .args(&full)
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
@@ -438,6 +466,34 @@ impl Server {
     /// `stop_checked_with(SIGTERM, Some(served))`.
     pub fn stop_checked(&mut self, served: u64) -> HashMap<String, u64> {
         self.stop_checked_with(libc::SIGTERM, Some(served))
+    }
+
+    /// The server's process id.
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// Resident memory of the server process in KiB (Linux /proc).
+    pub fn rss_kib(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid)).ok()?;
+        status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    }
+
+    /// CPU time (user + system) the server process has used so far.
+    pub fn cpu_time(&self) -> Option<Duration> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)).ok()?;
+        let rest = &stat[stat.rfind(')')? + 2..];
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+        // SAFETY: sysconf has no memory-safety preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+        Some(Duration::from_millis(ticks * 1000 / hz))
     }
 
     /// Peak virtual memory of the server process in KiB (Linux /proc).

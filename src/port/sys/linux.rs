@@ -68,3 +68,16 @@ pub fn raise_fd_limit() -> Option<u64> {
     }
     fd_limit()
 }
+
+/// Turns on TCP keepalive (first probe after `idle`, then every `idle / 3`
+/// (at least 1 s), 3 probes) and sets TCP_USER_TIMEOUT to the same total,
+/// so a peer that vanished is reaped even while data is unacknowledged.
+pub fn set_keepalive(socket: &socket2::Socket, idle: std::time::Duration) -> std::io::Result<()> {
+    let interval = (idle / 3).max(std::time::Duration::from_secs(1));
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(idle)
+        .with_interval(interval)
+        .with_retries(3);
+    socket.set_tcp_keepalive(&ka)?;
+    socket.set_tcp_user_timeout(Some(idle + interval * 3))
+}

@@ -43,4 +43,4 @@ pub(crate) use uring::Backend;
 #[cfg(target_os = "linux")]
 mod linux;
 #[cfg(target_os = "linux")]
-pub use linux::{ProcessUsage, fd_limit, process_usage, raise_fd_limit};
+pub use linux::{ProcessUsage, fd_limit, process_usage, raise_fd_limit, set_keepalive};
