@@ -49,6 +49,10 @@ fn engine_config() -> EngineConfig {
     let mut cfg = EngineConfig {
         workers: 1,
         ports: 1,
+        // A client trusts its server's frame sizes (a FILE reply can be
+        // up to 4 GiB - 1), and is not the side that times peers out.
+        max_frame: u32::MAX,
+        idle_timeout: None,
         ..EngineConfig::default()
     };
     cfg.port.recv_bufs = 1024;
@@ -146,6 +150,26 @@ fn describe(f: &Frame) -> String {
         },
         cmd::ECHO => format!("echo: {}", String::from_utf8_lossy(&f.body())),
         cmd::PONG => format!("pong: {}", String::from_utf8_lossy(&f.body())),
+        cmd::FILE => {
+            let body = f.body();
+            let preview: String = String::from_utf8_lossy(&body[..body.len().min(64)])
+                .chars()
+                .map(|c| if c.is_control() { '.' } else { c })
+                .collect();
+            format!(
+                "file: {} bytes: {preview}{}",
+                body.len(),
+                if body.len() > 64 { "..." } else { "" }
+            )
+        }
+        cmd::BROADCAST if f.body_len() >= 8 => {
+            let body = f.body();
+            let from = u64::from_be_bytes(body[..8].try_into().unwrap_or_default());
+            format!(
+                "broadcast from {from:#x}: {}",
+                String::from_utf8_lossy(&body[8..])
+            )
+        }
         cmd::STATS => match serde_json::from_slice::<serde_json::Value>(&f.body()) {
             Ok(v) => serde_json::to_string_pretty(&v).unwrap_or_default(),
             Err(_) => String::from_utf8_lossy(&f.body()).into_owned(),

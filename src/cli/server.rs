@@ -33,6 +33,16 @@ pub(crate) enum BackendArg {
     Iocp,
 }
 
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub(crate) enum FileSendArg {
+    /// Copy small files, splice large ones.
+    Auto,
+    /// Always zero-copy.
+    Splice,
+    /// Always read into memory and send.
+    Copy,
+}
+
 #[derive(Debug, Args)]
 pub(crate) struct ServerArgs {
     /// Address to listen on; repeat for several (IPv4 or IPv6, e.g. [::1]:9000).
@@ -71,6 +81,12 @@ pub(crate) struct ServerArgs {
     /// TCP keepalive idle time (SO_KEEPALIVE, TCP_KEEPIDLE/INTVL/CNT, TCP_USER_TIMEOUT; 0: off).
     #[arg(long, value_name = "DUR", value_parser = parse_duration, default_value = "30s")]
     keepalive: Duration,
+    /// Serve files beneath this directory with the FILE command.
+    #[arg(long, value_name = "DIR")]
+    files: Option<std::path::PathBuf>,
+    /// How FILE sends: zero-copy (splice), copy (read + send), or auto (copy below 64 KiB).
+    #[arg(long, value_enum, default_value_t = FileSendArg::Auto)]
+    file_send: FileSendArg,
     /// Cap on bytes queued for sending over all connections.
     #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "1GiB")]
     max_queued_total: u64,
@@ -124,11 +140,25 @@ pub(crate) fn run(a: ServerArgs) -> anyhow::Result<i32> {
         idle_timeout: (!a.idle_timeout.is_zero()).then_some(a.idle_timeout),
         keepalive: (!a.keepalive.is_zero()).then_some(a.keepalive.max(Duration::from_secs(1))),
         max_queued_total: a.max_queued_total as usize,
+        file_copy_below: match a.file_send {
+            FileSendArg::Auto => cport::server::DEFAULT_FILE_COPY_BELOW,
+            FileSendArg::Splice => 0,
+            FileSendArg::Copy => usize::MAX,
+        },
         ..EngineConfig::default()
     };
     cfg.port.recv_buf_size = a.recv_buf.clamp(512, 1 << 20) as u32;
     cfg.port.recv_bufs = a.recv_bufs;
-    let mut engine = Engine::start(cfg.clone(), Arc::new(Services::new()))
+    let services = match &a.files {
+        Some(dir) => Services::with_files(dir).with_context(|| {
+            format!(
+                "cannot serve files from {} (give an existing directory to --files)",
+                dir.display()
+            )
+        })?,
+        None => Services::new(),
+    };
+    let mut engine = Engine::start(cfg.clone(), Arc::new(services))
         .context("cannot start the completion ports (is io_uring available?)")?;
     for addr in &a.listen {
         let bound = engine.listen(*addr, 4096).with_context(|| {

@@ -73,6 +73,24 @@ pub enum Op {
         /// Where to connect.
         addr: SocketAddr,
     },
+    /// Send up to `len` bytes of `file` from `offset` to a socket. With
+    /// `copy == false` the bytes go zero-copy (io_uring: splice through a
+    /// pipe; Windows: TransmitFile); with `copy == true` they are read into a
+    /// buffer and sent, the path zero-copy is measured against. Completes
+    /// with the bytes sent, which may be fewer than `len`; the caller
+    /// resumes from there.
+    SendFile {
+        /// The connected socket.
+        socket: Arc<Socket>,
+        /// The file to send from.
+        file: Arc<std::fs::File>,
+        /// Where in the file to start.
+        offset: u64,
+        /// How many bytes at most.
+        len: usize,
+        /// Read and send instead of zero-copy.
+        copy: bool,
+    },
     /// Close a socket asynchronously. The port takes the only reference.
     Close {
         /// The socket to close.
@@ -98,6 +116,7 @@ impl Op {
             Op::Accept { .. } => OpKind::Accept,
             Op::Recv { .. } => OpKind::Recv,
             Op::Send { .. } => OpKind::Send,
+            Op::SendFile { .. } => OpKind::SendFile,
             Op::Connect { .. } => OpKind::Connect,
             Op::Close { .. } => OpKind::Close,
             Op::Timeout { .. } => OpKind::Timeout,
@@ -114,6 +133,8 @@ pub enum OpKind {
     Recv,
     /// [`Op::Send`].
     Send,
+    /// [`Op::SendFile`].
+    SendFile,
     /// [`Op::Connect`].
     Connect,
     /// [`Op::Close`].
@@ -129,6 +150,7 @@ impl OpKind {
             OpKind::Accept => "accept",
             OpKind::Recv => "recv",
             OpKind::Send => "send",
+            OpKind::SendFile => "send_file",
             OpKind::Connect => "connect",
             OpKind::Close => "close",
             OpKind::Timeout => "timeout",
@@ -156,6 +178,13 @@ pub enum Outcome {
         result: io::Result<usize>,
         /// The buffers the operation owned, in order.
         bufs: Vec<Bytes>,
+    },
+    /// A file send finished: bytes sent, and the file back.
+    SentFile {
+        /// Bytes sent to the socket.
+        result: io::Result<usize>,
+        /// The file the operation owned.
+        file: Arc<std::fs::File>,
     },
     /// A connect finished; the socket comes back either way.
     Connected {
@@ -189,6 +218,7 @@ impl fmt::Debug for Outcome {
                 .field("result", result)
                 .field("bufs", &bufs.len())
                 .finish(),
+            Outcome::SentFile { result, .. } => f.debug_tuple("SentFile").field(result).finish(),
             Outcome::Connected { result, .. } => f.debug_tuple("Connected").field(result).finish(),
             Outcome::Closed(r) => f.debug_tuple("Closed").field(r).finish(),
             Outcome::Timer(r) => f.debug_tuple("Timer").field(r).finish(),

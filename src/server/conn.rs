@@ -12,6 +12,7 @@
 
 use std::any::Any;
 use std::collections::VecDeque;
+use std::fs::File;
 use std::io;
 use std::net::{Shutdown, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -48,6 +49,31 @@ const BACKLOG_WHEN_OVER_CAP: usize = 64 * 1024;
 /// Most bytes one gathered send carries.
 const MAX_SEND_BYTES: usize = 1 << 20;
 
+/// One item of a send queue.
+pub(crate) enum Chunk {
+    /// Bytes in memory (shared, e.g. a broadcast frame, or owned).
+    Bytes(Bytes),
+    /// A segment of a file, sent without passing through our memory.
+    File {
+        /// The open file.
+        file: Arc<File>,
+        /// Where the segment starts.
+        offset: u64,
+        /// Its length.
+        len: usize,
+    },
+}
+
+impl Chunk {
+    /// Bytes of memory this item holds in the queue.
+    fn memory(&self) -> usize {
+        match self {
+            Chunk::Bytes(b) => b.len(),
+            Chunk::File { .. } => 0,
+        }
+    }
+}
+
 /// How a connection is closed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum CloseMode {
@@ -82,7 +108,9 @@ pub(crate) struct ConnState {
     pub(crate) connecting: bool,
     pub(crate) was_open: bool,
     decoder: Decoder,
-    sendq: VecDeque<Bytes>,
+    sendq: VecDeque<Chunk>,
+    /// The file segment of the send in flight, when it is a file send.
+    file_inflight: Option<(Arc<File>, u64, usize)>,
     pub(crate) queued: usize,
     pub(crate) send_op: Option<OpId>,
     pub(crate) recv_op: Option<OpId>,
@@ -115,6 +143,7 @@ impl ConnState {
             was_open: false,
             decoder: Decoder::new(max_frame),
             sendq: VecDeque::new(),
+            file_inflight: None,
             queued: 0,
             send_op: None,
             recv_op: None,
@@ -148,7 +177,17 @@ impl ConnState {
         shared
             .queued_total
             .fetch_add(bytes.len(), Ordering::Relaxed);
-        self.sendq.push_back(bytes);
+        self.sendq.push_back(Chunk::Bytes(bytes));
+    }
+
+    /// Queues `len` bytes of `file` from `offset`, sent zero-copy after
+    /// everything queued before. File bytes take no memory, so they do not
+    /// count toward the queue limits.
+    pub(crate) fn enqueue_file(&mut self, file: Arc<File>, offset: u64, len: usize) {
+        if self.closing.is_some() && !self.draining || len == 0 {
+            return;
+        }
+        self.sendq.push_back(Chunk::File { file, offset, len });
     }
 
     /// Forgets `n` queued bytes that will never be sent (or were sent).
@@ -187,7 +226,7 @@ impl ConnState {
     fn abort_queue(&mut self, shared: &Shared) {
         self.draining = false;
         self.linger = false;
-        let dropped: usize = self.sendq.drain(..).map(|b| b.len()).sum();
+        let dropped: usize = self.sendq.drain(..).map(|c| c.memory()).sum();
         self.unqueue(shared, dropped);
     }
 
@@ -269,22 +308,39 @@ pub(crate) fn progress(shared: &Shared, conn: &Conn, st: &mut ConnState) {
     }
     // Sending.
     if st.send_op.is_none() && !st.sendq.is_empty() && !st.shut && !st.connecting {
-        let mut bufs = Vec::with_capacity(st.sendq.len().min(MAX_SEND_BUFS));
-        let mut bytes = 0;
-        while let Some(b) = st.sendq.front() {
-            if bufs.len() == MAX_SEND_BUFS || (bytes > 0 && bytes + b.len() > MAX_SEND_BYTES) {
-                break;
+        let op = match st.sendq.pop_front() {
+            Some(Chunk::File { file, offset, len }) => {
+                st.file_inflight = Some((file.clone(), offset, len));
+                Op::SendFile {
+                    socket: conn.socket.clone(),
+                    file,
+                    offset,
+                    len,
+                    copy: len < shared.file_copy_below,
+                }
             }
-            bytes += b.len();
-            bufs.push(st.sendq.pop_front().expect("front exists"));
-        }
-        match port.submit(
-            conn.id.key(),
-            Op::Send {
-                socket: conn.socket.clone(),
-                bufs,
-            },
-        ) {
+            Some(Chunk::Bytes(first)) => {
+                // Gather the queued buffers up to the next file segment.
+                let mut bytes = first.len();
+                let mut bufs = vec![first];
+                while let Some(Chunk::Bytes(b)) = st.sendq.front() {
+                    if bufs.len() == MAX_SEND_BUFS || bytes + b.len() > MAX_SEND_BYTES {
+                        break;
+                    }
+                    bytes += b.len();
+                    let Some(Chunk::Bytes(b)) = st.sendq.pop_front() else {
+                        unreachable!()
+                    };
+                    bufs.push(b);
+                }
+                Op::Send {
+                    socket: conn.socket.clone(),
+                    bufs,
+                }
+            }
+            None => unreachable!("checked non-empty"),
+        };
+        match port.submit(conn.id.key(), op) {
             Ok(id) => st.send_op = Some(id),
             Err(e) => st.close(
                 shared,
@@ -443,12 +499,47 @@ pub(crate) fn on_sent(
                 return;
             }
             for b in rest.into_iter().rev() {
-                st.sendq.push_front(b);
+                st.sendq.push_front(Chunk::Bytes(b));
             }
         }
         Err(e) => {
             let dropped: usize = bufs.iter().map(|b| b.len()).sum();
             st.unqueue(shared, dropped);
+            let reason = CloseReason::from_error(&e);
+            st.close(shared, reason, CloseMode::Abort, Some(e.to_string()));
+        }
+    }
+}
+
+/// A file send completed with `result`.
+pub(crate) fn on_sent_file(shared: &Shared, st: &mut ConnState, result: io::Result<usize>) {
+    st.send_op = None;
+    let Some((file, offset, len)) = st.file_inflight.take() else {
+        return;
+    };
+    match result {
+        Ok(0) if len > 0 => {
+            // The file shrank under us: the frame header promised bytes we
+            // cannot send, so the stream cannot be continued.
+            st.close(
+                shared,
+                CloseReason::Error,
+                CloseMode::Abort,
+                Some("file shrank while being sent".into()),
+            );
+        }
+        Ok(n) => {
+            st.bytes_out += n as u64;
+            shared.stats.bytes_out(n);
+            if n < len && !st.shut && (st.closing.is_none() || st.draining) {
+                st.sendq.push_front(Chunk::File {
+                    file,
+                    offset: offset + n as u64,
+                    len: len - n,
+                });
+            }
+        }
+        Err(e) => {
             let reason = CloseReason::from_error(&e);
             st.close(shared, reason, CloseMode::Abort, Some(e.to_string()));
         }

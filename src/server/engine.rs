@@ -73,6 +73,9 @@ pub struct EngineConfig {
     /// connections with something queued stop being read and broadcast
     /// recipients with a backlog are dropped as slow consumers.
     pub max_queued_total: usize,
+    /// File segments shorter than this are read into memory and sent; longer
+    /// ones are sent zero-copy (0: always zero-copy; `usize::MAX`: never).
+    pub file_copy_below: usize,
     /// Settings of each port (its `concurrency` is set from the workers).
     pub port: PortConfig,
 }
@@ -92,6 +95,7 @@ impl Default for EngineConfig {
             idle_timeout: Some(Duration::from_secs(60)),
             keepalive: Some(Duration::from_secs(30)),
             max_queued_total: 1 << 30,
+            file_copy_below: DEFAULT_FILE_COPY_BELOW,
             port: PortConfig::default(),
         }
     }
@@ -176,6 +180,9 @@ pub(crate) struct Shared {
     pub(crate) idle_timeout: Option<Duration>,
     keepalive: Option<Duration>,
     pub(crate) max_queued_total: usize,
+    /// File segments shorter than this are read and sent; longer ones go
+    /// zero-copy.
+    pub(crate) file_copy_below: usize,
     /// Bytes queued for sending over all connections (a broadcast buffer
     /// counts once per recipient, although its memory is shared).
     pub(crate) queued_total: AtomicUsize,
@@ -206,6 +213,10 @@ impl fmt::Debug for Engine {
             .finish()
     }
 }
+
+/// Below this size a file is read and sent rather than spliced (see
+/// docs/DESIGN.md for the measurement behind it).
+pub const DEFAULT_FILE_COPY_BELOW: usize = 64 * 1024;
 
 /// The largest value [`EngineRef::post`] carries; the values above are the
 /// engine's own.
@@ -262,6 +273,12 @@ impl EngineRef<'_> {
         self.shared.with_conn(id, |ctx| ctx.close()).is_some()
     }
 
+    /// Counts a frame sent by other means than `Ctx::send_frame` (e.g. a
+    /// header followed by a file).
+    pub fn count_frame_out(&self) {
+        self.shared.stats.frame_out(0);
+    }
+
     /// Connections open now.
     pub fn open_connections(&self) -> u64 {
         self.shared.stats.open()
@@ -312,6 +329,7 @@ impl Engine {
             idle_timeout: cfg.idle_timeout,
             keepalive: cfg.keepalive,
             max_queued_total: cfg.max_queued_total,
+            file_copy_below: cfg.file_copy_below,
             queued_total: AtomicUsize::new(0),
             stats: Stats::default(),
             listeners: Mutex::new(Vec::new()),
@@ -979,6 +997,7 @@ impl Shared {
         match c.outcome {
             Outcome::Received(r) => conn::on_recv_done(self, &conn, &mut st, r),
             Outcome::Sent { result, bufs } => conn::on_sent(self, &mut st, result, bufs),
+            Outcome::SentFile { result, .. } => conn::on_sent_file(self, &mut st, result),
             Outcome::Connected { result, .. } => {
                 st.connect_op = None;
                 st.connecting = false;

@@ -107,6 +107,13 @@ impl Ctx<'_> {
         self.st.enqueue(self.shared, frame.into_wire());
     }
 
+    /// Queues `len` bytes of `file` from `offset`, sent after what is queued
+    /// before without passing through user memory (zero-copy where the
+    /// backend can). The caller sends whatever header announces them.
+    pub fn send_file(&mut self, file: std::sync::Arc<std::fs::File>, offset: u64, len: usize) {
+        self.st.enqueue_file(file, offset, len);
+    }
+
     /// Sends an ERROR frame; a fatal code also closes the connection once
     /// the error has been sent.
     pub fn send_error(&mut self, code: u32, message: &str) {

@@ -14,7 +14,9 @@ mod stats;
 use std::fmt;
 use std::time::Duration;
 
-pub use engine::{Engine, EngineConfig, EngineRef, MAX_POST_VALUE, Protocol};
+pub use engine::{
+    DEFAULT_FILE_COPY_BELOW, Engine, EngineConfig, EngineRef, MAX_POST_VALUE, Protocol,
+};
 pub use handler::{CloseInfo, Ctx, Handler};
 pub use services::Services;
 pub use stats::{CloseReason, Stats, StatsSnapshot};

@@ -1,20 +1,96 @@
-//! cport's built-in service, itself just a [`Handler`]: ECHO, PING and
-//! BROADCAST, PING and STATS on the framed protocol (FILE answers ERROR 2
-//! until it is built), and echo on the raw protocol.
+//! cport's built-in service, itself just a [`Handler`]: ECHO, BROADCAST,
+//! PING, FILE and STATS on the framed protocol, and echo on the raw
+//! protocol.
+
+use std::fs::File;
+use std::io;
+use std::path::Path;
+use std::sync::Arc;
 
 use bytes::Bytes;
 
 use crate::frame::{self, Frame, cmd, code};
+use crate::port::sys;
 use crate::server::handler::{Ctx, Handler};
 
 /// The built-in service.
 #[derive(Debug, Default)]
-pub struct Services {}
+pub struct Services {
+    /// The directory FILE serves from (`--files`), opened once.
+    files: Option<File>,
+}
 
 impl Services {
-    /// A new service handler.
+    /// A service without file serving.
     pub fn new() -> Services {
-        Services {}
+        Services::default()
+    }
+
+    /// A service whose FILE command serves files beneath `dir`.
+    pub fn with_files(dir: &Path) -> io::Result<Services> {
+        let root = File::open(dir)?;
+        if !root.metadata()?.is_dir() {
+            return Err(io::Error::new(
+                io::ErrorKind::NotADirectory,
+                format!("{} is not a directory", dir.display()),
+            ));
+        }
+        Ok(Services { files: Some(root) })
+    }
+
+    /// FILE: the reply is a frame header announcing the file's size, then
+    /// the file itself, sent zero-copy.
+    fn file(&self, ctx: &mut Ctx<'_>, body: &[u8]) {
+        let Some(root) = &self.files else {
+            return ctx.send_error(
+                code::NOT_FOUND,
+                "file serving is off (start the server with --files DIR)",
+            );
+        };
+        let Ok(path) = std::str::from_utf8(body) else {
+            return ctx.send_error(code::FORBIDDEN, "path is not UTF-8");
+        };
+        // Refuse what is plainly outside before asking the kernel, which
+        // enforces the root for everything else (symlinks included).
+        let climbs = Path::new(path)
+            .components()
+            .any(|c| matches!(c, std::path::Component::ParentDir));
+        if path.is_empty() || path.starts_with('/') || climbs || path.contains('\0') {
+            return ctx.send_error(
+                code::FORBIDDEN,
+                &format!("forbidden path {path:?}: must be relative, without '..'"),
+            );
+        }
+        let file = match sys::open_beneath(root, path) {
+            Ok(f) => f,
+            Err(e) if sys::is_escape(&e) => {
+                return ctx.send_error(
+                    code::FORBIDDEN,
+                    &format!("forbidden path {path:?}: leads outside the files directory"),
+                );
+            }
+            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+                return ctx.send_error(code::FORBIDDEN, &format!("{path:?}: {e}"));
+            }
+            Err(e) => return ctx.send_error(code::NOT_FOUND, &format!("{path:?}: {e}")),
+        };
+        let size = match file.metadata() {
+            Ok(m) if m.is_file() => m.len(),
+            Ok(_) => return ctx.send_error(code::NOT_FOUND, &format!("{path:?} is not a file")),
+            Err(e) => return ctx.send_error(code::NOT_FOUND, &format!("{path:?}: {e}")),
+        };
+        let Ok(len) = u32::try_from(size) else {
+            return ctx.send_error(
+                code::FILE_TOO_LARGE,
+                &format!("{path:?} is {size} bytes, over the 4 GiB - 1 a frame can carry"),
+            );
+        };
+        ctx.engine().count_frame_out();
+        ctx.send(Bytes::copy_from_slice(&frame::encode_header(
+            cmd::FILE,
+            len,
+        )));
+        ctx.send_file(Arc::new(file), 0, len as usize);
     }
 }
 
@@ -27,6 +103,7 @@ impl Handler for Services {
             cmd::BROADCAST => {
                 ctx.broadcast(&f.body());
             }
+            cmd::FILE => self.file(ctx, &f.body()),
             cmd::STATS => {
                 let json = serde_json::to_vec(&ctx.engine().stats()).unwrap_or_default();
                 ctx.send_frame(Frame::new(cmd::STATS, &json));

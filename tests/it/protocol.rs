@@ -127,29 +127,6 @@ fn stats_reports_workers_and_ports_shared_model() {
 }
 
 #[test]
-fn file_is_an_unknown_command_connection_stays_open() {
-    let mut srv = Server::start(&[]);
-    let mut s = connect(srv.addr());
-    for (cmd, name) in [(CMD_FILE, "FILE")] {
-        for body in [Vec::new(), b"some payload for the command".to_vec()] {
-            write_frame(&mut s, cmd, &body).unwrap();
-            let (code, msg) = expect_error(&mut s, name);
-            assert_eq!(
-                code, ERR_UNKNOWN_COMMAND,
-                "{name}: error code (msg {msg:?})"
-            );
-            assert!(
-                msg.to_lowercase().contains("unknown command"),
-                "{name}: error message should say `unknown command`, got {msg:?}"
-            );
-            echo_roundtrip(&mut s, format!("still alive after {name}").as_bytes());
-        }
-    }
-    drop(s);
-    srv.stop_checked(1);
-}
-
-#[test]
 fn ipv6_listener_works() {
     if !have_ipv6_loopback() {
         eprintln!("SKIPPED ipv6_listener_works: this machine cannot bind [::1]");

@@ -335,3 +335,176 @@ fn clients_waiting_at_the_descriptor_limit_are_served_as_others_close() {
     drop(clients);
     srv.stop_checked(n + 1);
 }
+
+const ERR_NOT_FOUND: u32 = 3;
+const ERR_FORBIDDEN: u32 = 4;
+const ERR_FILE_TOO_LARGE: u32 = 8;
+
+/// A files directory for one test, removed at the end.
+struct FilesDir(std::path::PathBuf);
+
+impl FilesDir {
+    fn new(name: &str) -> FilesDir {
+        let dir = std::env::temp_dir().join(format!("cport-it-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("sub")).unwrap();
+        FilesDir(dir)
+    }
+    fn path(&self) -> &str {
+        self.0.to_str().unwrap()
+    }
+}
+
+impl Drop for FilesDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Requests `path` with FILE and reads the reply header; returns the
+/// header's (cmd, len).
+fn request_file(s: &mut TcpStream, path: &str) -> (u32, u32) {
+    write_frame(s, CMD_FILE, path.as_bytes()).unwrap();
+    let mut h = [0u8; 8];
+    s.read_exact(&mut h).unwrap();
+    let len = u32::from_be_bytes(h[..4].try_into().unwrap());
+    let cmd = u32::from_be_bytes(h[4..].try_into().unwrap());
+    (cmd, len)
+}
+
+fn expect_file_error(s: &mut TcpStream, path: &str, want: u32) -> String {
+    let (cmd, len) = request_file(s, path);
+    assert_eq!(cmd, CMD_ERROR, "FILE {path:?} should fail");
+    let mut b = vec![0u8; len as usize];
+    s.read_exact(&mut b).unwrap();
+    let code = u32::from_be_bytes(b[..4].try_into().unwrap());
+    let msg = String::from_utf8_lossy(&b[4..]).into_owned();
+    assert_eq!(code, want, "FILE {path:?}: {msg}");
+    msg
+}
+
+/// A 200 MiB file fetched while 100 other connections echo; the bytes are
+/// checked against the file's deterministic content.
+#[test]
+fn file_200_mib_while_100_connections_echo() {
+    let dir = FilesDir::new("big");
+    let size = 200usize << 20;
+    let chunk = pattern(7, 1 << 20);
+    {
+        let mut f = std::fs::File::create(dir.0.join("big.bin")).unwrap();
+        for _ in 0..size / chunk.len() {
+            f.write_all(&chunk).unwrap();
+        }
+    }
+    let mut srv = Server::start(&["--files", dir.path(), "--ports", "2", "--workers", "2"]);
+    let addr = srv.addr();
+    let echoers: Vec<_> = (0..100)
+        .map(|i| {
+            thread::spawn(move || {
+                let mut s = connect(addr);
+                for j in 0..20 {
+                    echo_roundtrip(&mut s, format!("echoer {i} msg {j}").as_bytes());
+                }
+            })
+        })
+        .collect();
+    let mut s = connect(addr);
+    let (cmd, len) = request_file(&mut s, "big.bin");
+    assert_eq!((cmd, len as usize), (CMD_FILE, size));
+    let mut buf = vec![0u8; chunk.len()];
+    for i in 0..size / chunk.len() {
+        s.read_exact(&mut buf).unwrap();
+        assert!(buf == chunk, "file content differs in MiB {i}");
+    }
+    // The stream continues with ordinary frames afterwards.
+    echo_roundtrip(&mut s, b"after the file");
+    for e in echoers {
+        e.join().unwrap();
+    }
+    drop(s);
+    srv.stop_checked(101);
+}
+
+/// Small and medium files, on each send path; paths confined to the root.
+#[test]
+fn file_paths_are_confined_and_errors_are_clear() {
+    let dir = FilesDir::new("paths");
+    std::fs::write(dir.0.join("sub/a.txt"), b"hello file").unwrap();
+    std::fs::write(dir.0.join("empty"), b"").unwrap();
+    let medium = pattern(3, (1 << 20) + 12345);
+    std::fs::write(dir.0.join("medium.bin"), &medium).unwrap();
+    std::os::unix::fs::symlink("/etc/passwd", dir.0.join("escape")).unwrap();
+    std::os::unix::fs::symlink("sub/a.txt", dir.0.join("inside")).unwrap();
+    std::os::unix::fs::symlink("../..", dir.0.join("sub/up")).unwrap();
+    for mode in ["auto", "splice", "copy"] {
+        let mut srv = Server::start(&["--files", dir.path(), "--file-send", mode]);
+        let mut s = connect(srv.addr());
+        for (path, want) in [
+            ("sub/a.txt", &b"hello file"[..]),
+            ("inside", &b"hello file"[..]),
+            ("empty", &b""[..]),
+            ("medium.bin", &medium[..]),
+        ] {
+            let (cmd, len) = request_file(&mut s, path);
+            assert_eq!((cmd, len as usize), (CMD_FILE, want.len()), "{mode} {path}");
+            let mut b = vec![0u8; len as usize];
+            s.read_exact(&mut b).unwrap();
+            assert!(b == want, "{mode}: content of {path}");
+        }
+        expect_file_error(&mut s, "../etc/passwd", ERR_FORBIDDEN);
+        expect_file_error(&mut s, "sub/../../etc/passwd", ERR_FORBIDDEN);
+        expect_file_error(&mut s, "/etc/passwd", ERR_FORBIDDEN);
+        expect_file_error(&mut s, "escape", ERR_FORBIDDEN);
+        expect_file_error(&mut s, "sub/up/etc/passwd", ERR_FORBIDDEN);
+        expect_file_error(&mut s, "", ERR_FORBIDDEN);
+        expect_file_error(&mut s, "missing", ERR_NOT_FOUND);
+        expect_file_error(&mut s, "sub", ERR_NOT_FOUND);
+        write_frame(&mut s, CMD_FILE, &[0xff, 0xfe]).unwrap();
+        let (code, _) = expect_error(&mut s, "non-UTF-8 path");
+        assert_eq!(code, ERR_FORBIDDEN);
+        echo_roundtrip(&mut s, b"connection still usable");
+        drop(s);
+        srv.stop_checked(1);
+    }
+}
+
+/// Without --files, FILE answers ERROR 3 saying file serving is off; a
+/// missing --files directory is a clear start-up error.
+#[test]
+fn file_serving_off_and_bad_files_dir() {
+    let mut srv = Server::start(&[]);
+    let mut s = connect(srv.addr());
+    let msg = expect_file_error(&mut s, "anything", ERR_NOT_FOUND);
+    assert!(msg.contains("off"), "{msg}");
+    drop(s);
+    srv.stop_checked(1);
+    let out = run_cport(
+        &[
+            "server",
+            "--listen",
+            "127.0.0.1:0",
+            "--files",
+            "/nonexistent/cport-files",
+        ],
+        None,
+        Duration::from_secs(30),
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", out.dump());
+    assert!(out.stderr.contains("--files"), "{}", out.dump());
+    assert!(!out.stderr.contains("panicked"), "{}", out.dump());
+}
+
+/// A file over 4 GiB - 1 cannot be one frame: ERROR 8.
+#[test]
+fn file_over_4_gib_is_refused_with_error_8() {
+    let dir = FilesDir::new("huge");
+    // Sparse: takes no disk space.
+    let f = std::fs::File::create(dir.0.join("huge")).unwrap();
+    f.set_len((4u64 << 30) + 1).unwrap();
+    let mut srv = Server::start(&["--files", dir.path()]);
+    let mut s = connect(srv.addr());
+    expect_file_error(&mut s, "huge", ERR_FILE_TOO_LARGE);
+    echo_roundtrip(&mut s, b"still fine");
+    drop(s);
+    srv.stop_checked(1);
+}

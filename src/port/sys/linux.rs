@@ -81,3 +81,39 @@ pub fn set_keepalive(socket: &socket2::Socket, idle: std::time::Duration) -> std
     socket.set_tcp_keepalive(&ka)?;
     socket.set_tcp_user_timeout(Some(idle + interval * 3))
 }
+
+/// Opens `path` for reading, resolved strictly beneath the directory `root`
+/// (openat2 with RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS): absolute paths,
+/// `..` that climbs out and symlinks that lead outside fail with
+/// `EXDEV`/`ELOOP`, decided by the kernel at open time, so there is no
+/// check-then-open race.
+pub fn open_beneath(root: &std::fs::File, path: &str) -> std::io::Result<std::fs::File> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let c = std::ffi::CString::new(path)
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "path contains NUL"))?;
+    // SAFETY: open_how is plain old data; all-zero is valid.
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = (libc::O_RDONLY | libc::O_CLOEXEC | libc::O_NOCTTY) as u64;
+    how.resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_MAGICLINKS;
+    // SAFETY: the path is NUL-terminated and `how` is a valid open_how of
+    // the size we pass; the kernel only reads them.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            root.as_raw_fd(),
+            c.as_ptr(),
+            &how as *const libc::open_how,
+            std::mem::size_of::<libc::open_how>(),
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor from openat2 that nothing else owns.
+    Ok(unsafe { std::fs::File::from_raw_fd(fd as i32) })
+}
+
+/// Whether an error from [`open_beneath`] means the path tried to leave the root.
+pub fn is_escape(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EXDEV) | Some(libc::ELOOP))
+}

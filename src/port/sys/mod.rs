@@ -43,4 +43,6 @@ pub(crate) use uring::Backend;
 #[cfg(target_os = "linux")]
 mod linux;
 #[cfg(target_os = "linux")]
-pub use linux::{ProcessUsage, fd_limit, process_usage, raise_fd_limit, set_keepalive};
+pub use linux::{
+    ProcessUsage, fd_limit, is_escape, open_beneath, process_usage, raise_fd_limit, set_keepalive,
+};
