@@ -84,7 +84,7 @@ pub(crate) struct ServerArgs {
     /// Serve files beneath this directory with the FILE command.
     #[arg(long, value_name = "DIR")]
     files: Option<std::path::PathBuf>,
-    /// How FILE sends: zero-copy (splice), copy (read + send), or auto (copy below 64 KiB).
+    /// How FILE sends: zero-copy (splice), copy (read + send), or auto (copy below 1 MiB).
     #[arg(long, value_enum, default_value_t = FileSendArg::Auto)]
     file_send: FileSendArg,
     /// Cap on bytes queued for sending over all connections.

@@ -216,7 +216,7 @@ impl fmt::Debug for Engine {
 
 /// Below this size a file is read and sent rather than spliced (see
 /// docs/DESIGN.md for the measurement behind it).
-pub const DEFAULT_FILE_COPY_BELOW: usize = 64 * 1024;
+pub const DEFAULT_FILE_COPY_BELOW: usize = 1 << 20;
 
 /// The largest value [`EngineRef::post`] carries; the values above are the
 /// engine's own.
