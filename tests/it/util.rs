@@ -78,6 +78,29 @@ pub fn test_backend() -> Option<String> {
         .filter(|s| !s.is_empty())
 }
 
+/// The library backend `CPORT_TEST_BACKEND` names (`Auto` when unset), for
+/// the tests that build ports and engines directly.
+pub fn test_port_backend() -> cport::port::BackendKind {
+    match test_backend() {
+        None => cport::port::BackendKind::Auto,
+        Some(b) => b
+            .parse()
+            .unwrap_or_else(|e| panic!("CPORT_TEST_BACKEND: {e}")),
+    }
+}
+
+/// Run `cport client <args>`, adding `--backend $CPORT_TEST_BACKEND` if set
+/// (see [`run_cport`]).
+pub fn run_client(args: &[&str], stdin: Option<&[u8]>, timeout: Duration) -> CmdOutput {
+    let mut full = vec!["client"];
+    full.extend_from_slice(args);
+    let backend = test_backend();
+    if let Some(b) = &backend {
+        full.extend_from_slice(&["--backend", b.as_str()]);
+    }
+    run_cport(&full, stdin, timeout)
+}
+
 /// Remove ANSI escape sequences (colours) from text.
 pub fn strip_ansi(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
