@@ -152,7 +152,19 @@ fn spawn_reader<R: Read + Send + 'static>(mut r: R) -> JoinHandle<Vec<u8>> {
 /// Run `cport <args>` to completion with an optional stdin, killing it (and
 /// panicking) if it does not exit within `timeout`.
 pub fn run_cport(args: &[&str], stdin: Option<&[u8]>, timeout: Duration) -> CmdOutput {
+    run_cport_with(args, stdin, timeout, |_| {})
+}
+
+/// [`run_cport`], letting `customize` adjust the command first (e.g. install
+/// a `pre_exec` hook).
+pub fn run_cport_with(
+    args: &[&str],
+    stdin: Option<&[u8]>,
+    timeout: Duration,
+    customize: impl FnOnce(&mut Command),
+) -> CmdOutput {
     let mut cmd = Command::new(cport_bin());
+    customize(&mut cmd);
     cmd.args(args)
         .env("NO_COLOR", "1")
         .stdout(Stdio::piped())
@@ -288,6 +300,17 @@ impl Server {
     /// `--listen 127.0.0.1:0`. Adds `--backend $CPORT_TEST_BACKEND` if set.
     /// Waits (up to 30 s) until one `listening on` line per listener appeared.
     pub fn start(args: &[&str]) -> Server {
+        Server::start_with(args, true, |_| {})
+    }
+
+    /// Like [`start`](Self::start), but `--backend $CPORT_TEST_BACKEND` is
+    /// added only if `env_backend`, and `customize` adjusts the command
+    /// before it is spawned.
+    pub fn start_with(
+        args: &[&str],
+        env_backend: bool,
+        customize: impl FnOnce(&mut Command),
+    ) -> Server {
         let mut full: Vec<String> = vec!["server".to_string()];
         full.extend(args.iter().map(|s| s.to_string()));
         let mut listeners = args.iter().filter(|a| **a == "--listen").count();
@@ -296,24 +319,27 @@ impl Server {
             full.push("127.0.0.1:0".into());
             listeners = 1;
         }
-        match test_backend() {
-            Some(b) => {
+        match (env_backend, test_backend()) {
+            (false, _) => {}
+            (true, Some(b)) => {
                 eprintln!("[it] starting cport server with --backend {b}");
                 full.push("--backend".into());
                 full.push(b);
             }
-            None => eprintln!(
+            (true, None) => eprintln!(
                 "[it] starting cport server with the default backend (CPORT_TEST_BACKEND not set)"
             ),
         }
         eprintln!("[it] cport {}", full.join(" "));
 
-        let mut child = Command::new(cport_bin())
-            .args(&full)
+        let mut cmd = Command::new(cport_bin());
+        cmd.args(&full)
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
+            .stderr(Stdio::piped());
+        customize(&mut cmd);
+        let mut child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("failed to spawn {:?}: {e}", cport_bin()));
         let pid = child.id() as i32;
