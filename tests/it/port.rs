@@ -701,3 +701,56 @@ fn poll_backend_allows_one_op_per_socket_side() {
     assert_eq!(seen, want, "each op completes exactly once");
     assert_eq!(p.outstanding(), 0);
 }
+
+/// Posts from several threads while the only worker leads with a long
+/// timeout: a post that finds it waiting in the kernel must wake it, every
+/// time, or it sleeps out its whole timeout.
+#[test]
+fn posts_always_wake_a_leader_with_a_long_timeout() {
+    let p = port(1);
+    let total = 40_000u64;
+    let posters = 4u64;
+    let got = Arc::new(AtomicUsize::new(0));
+    let worker = {
+        let (p, got) = (p.clone(), got.clone());
+        thread::spawn(move || {
+            let mut w = p.worker();
+            let mut batch = Vec::new();
+            while got.load(Ordering::SeqCst) < total as usize {
+                batch.clear();
+                let n = w
+                    .get_many(&mut batch, 4, Some(Duration::from_secs(60)))
+                    .unwrap();
+                got.fetch_add(n, Ordering::SeqCst);
+            }
+        })
+    };
+    let start = Instant::now();
+    let threads: Vec<_> = (0..posters)
+        .map(|t| {
+            let p = p.clone();
+            thread::spawn(move || {
+                for i in 0..total / posters {
+                    p.post(t, i);
+                    // Let the leader go back to sleep now and then, so that
+                    // posts keep landing on a leader inside its wait.
+                    if (i + t) % 3 == 0 {
+                        thread::yield_now();
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    wait_until("every post to be taken", || {
+        got.load(Ordering::SeqCst) == total as usize
+    });
+    worker.join().unwrap();
+    assert!(
+        start.elapsed() < Duration::from_secs(30),
+        "posts took {:?}: a wake-up was lost",
+        start.elapsed()
+    );
+}

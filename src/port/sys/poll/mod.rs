@@ -614,15 +614,19 @@ impl Backend {
         }
         drop(events);
         if woken {
-            // Cleared before draining: a `wake` racing with us writes again
-            // rather than being absorbed by a flag we are about to clear.
-            self.woken.store(false, Ordering::SeqCst);
             let mut v = [0u8; 8];
             // SAFETY: reads 8 bytes into a local array from our own
             // nonblocking eventfd.
             unsafe {
                 libc::read(self.eventfd.as_raw_fd(), v.as_mut_ptr().cast(), 8);
             }
+            // Cleared only after draining. Cleared before, a `wake` landing
+            // between the two would write a count that this read swallows
+            // and leave the flag set with the eventfd empty: every later
+            // `wake` would be skipped. Cleared after, a `wake` in between
+            // is skipped, but this leader has not gone back to sleep and
+            // looks at the table and the port's queue next.
+            self.woken.store(false, Ordering::SeqCst);
         }
         self.process(&ready, out);
         Ok(())
