@@ -12,7 +12,7 @@ use cport::client::{MessageEvent, MessagesConfig, Session, run_messages};
 use cport::frame::{self, Frame, cmd};
 use cport::server::EngineConfig;
 
-use super::{init_logging, parse_addr, parse_duration};
+use super::{BackendArg, init_logging, parse_addr, parse_duration, start_failure};
 
 #[derive(Debug, Args)]
 pub(crate) struct ClientArgs {
@@ -37,6 +37,9 @@ pub(crate) struct ClientArgs {
     /// Give up on a reply after this long.
     #[arg(long, value_name = "DUR", value_parser = parse_duration, default_value = "10s")]
     timeout: Duration,
+    /// Completion backend of the client's own port.
+    #[arg(long, value_enum, default_value_t = BackendArg::Auto)]
+    backend: BackendArg,
     /// Print only the summary, not a line per message.
     #[arg(long)]
     quiet: bool,
@@ -45,7 +48,7 @@ pub(crate) struct ClientArgs {
     log: String,
 }
 
-fn engine_config() -> EngineConfig {
+fn engine_config(a: &ClientArgs) -> anyhow::Result<EngineConfig> {
     let mut cfg = EngineConfig {
         workers: 1,
         ports: 1,
@@ -56,7 +59,8 @@ fn engine_config() -> EngineConfig {
         ..EngineConfig::default()
     };
     cfg.port.recv_bufs = 1024;
-    cfg
+    cfg.port.backend = a.backend.kind()?;
+    Ok(cfg)
 }
 
 pub(crate) fn run(a: ClientArgs) -> anyhow::Result<i32> {
@@ -81,7 +85,9 @@ fn run_messages_mode(a: &ClientArgs, message: String) -> anyhow::Result<i32> {
     let quiet = a.quiet;
     let count = a.count;
     let mut out = std::io::stdout().lock();
-    let report = run_messages(cfg, engine_config(), |e| match e {
+    let engine_cfg = engine_config(a)?;
+    let backend = engine_cfg.port.backend;
+    let report = run_messages(cfg, engine_cfg, |e| match e {
         MessageEvent::Reply {
             conn,
             seq,
@@ -102,7 +108,7 @@ fn run_messages_mode(a: &ClientArgs, message: String) -> anyhow::Result<i32> {
             let _ = writeln!(out, "conn {conn} failed: {reason}");
         }
     })
-    .context("cannot start the client")?;
+    .with_context(|| start_failure(backend))?;
     let failed: Vec<String> = report
         .failed
         .iter()
@@ -188,7 +194,7 @@ const HELP: &str =
 
 fn run_lines(a: &ClientArgs) -> anyhow::Result<i32> {
     let tty = std::io::stdin().is_terminal();
-    let mut session = match Session::connect(a.connect, engine_config(), a.timeout) {
+    let mut session = match Session::connect(a.connect, engine_config(a)?, a.timeout) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("error: cannot connect to {}: {e}", a.connect);

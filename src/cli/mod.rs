@@ -7,7 +7,9 @@ mod server;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
+
+use cport::port::BackendKind;
 
 /// cport: a completion-port network server and toolkit.
 #[derive(Debug, Parser)]
@@ -46,6 +48,45 @@ pub(crate) fn main() -> i32 {
             eprintln!("error: {e:#}");
             2
         }
+    }
+}
+
+/// `--backend`, shared by the subcommands that run completion ports.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub(crate) enum BackendArg {
+    /// io_uring if this machine allows it, else poll (the choice is logged).
+    Auto,
+    /// Linux io_uring (an error if it is unavailable).
+    Uring,
+    /// epoll readiness turned into completions (works where io_uring is blocked).
+    Poll,
+    /// Windows I/O completion ports.
+    Iocp,
+}
+
+impl BackendArg {
+    /// The library's backend for this flag value, or why it cannot run here.
+    pub(crate) fn kind(self) -> anyhow::Result<BackendKind> {
+        match self {
+            BackendArg::Auto => Ok(BackendKind::Auto),
+            BackendArg::Uring => Ok(BackendKind::Uring),
+            BackendArg::Poll => Ok(BackendKind::Poll),
+            BackendArg::Iocp => anyhow::bail!(
+                "backend 'iocp' is the Windows backend and does not run on Linux (use --backend auto, uring or poll)"
+            ),
+        }
+    }
+}
+
+/// Context for a failure to start the completion ports.
+pub(crate) fn start_failure(backend: BackendKind) -> String {
+    match backend {
+        BackendKind::Uring => {
+            "cannot start the completion ports on io_uring (it may be blocked by a \
+             seccomp profile or kernel.io_uring_disabled; --backend auto falls back to poll)"
+                .to_string()
+        }
+        b => format!("cannot start the completion ports (backend {b})"),
     }
 }
 

@@ -11,7 +11,7 @@ use clap::{Args, ValueEnum};
 use cport::port::sys;
 use cport::server::{Engine, EngineConfig, Protocol, Services, StatsSnapshot};
 
-use super::{init_logging, parse_addr, parse_duration, parse_size};
+use super::{BackendArg, init_logging, parse_addr, parse_duration, parse_size};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub(crate) enum ProtocolArg {
@@ -19,18 +19,6 @@ pub(crate) enum ProtocolArg {
     Framed,
     /// Plain echo of whatever bytes arrive (works with nc and generic benchmarks).
     Raw,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
-pub(crate) enum BackendArg {
-    /// The best backend this machine supports.
-    Auto,
-    /// Linux io_uring.
-    Uring,
-    /// epoll readiness turned into completions.
-    Poll,
-    /// Windows I/O completion ports.
-    Iocp,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -103,15 +91,7 @@ pub(crate) struct ServerArgs {
 
 pub(crate) fn run(a: ServerArgs) -> anyhow::Result<i32> {
     init_logging(&a.log)?;
-    if matches!(a.backend, BackendArg::Poll | BackendArg::Iocp) {
-        bail!(
-            "backend '{}' is not available in this build of cport (use --backend uring or auto)",
-            a.backend
-                .to_possible_value()
-                .map(|v| v.get_name().to_string())
-                .unwrap_or_default()
-        );
-    }
+    let backend = a.backend.kind()?;
     if a.max_frame > u32::MAX as u64 {
         bail!(
             "--max-frame {} is over the protocol's 4 GiB - 1 limit",
@@ -147,6 +127,7 @@ pub(crate) fn run(a: ServerArgs) -> anyhow::Result<i32> {
         },
         ..EngineConfig::default()
     };
+    cfg.port.backend = backend;
     cfg.port.recv_buf_size = a.recv_buf.clamp(512, 1 << 20) as u32;
     cfg.port.recv_bufs = a.recv_bufs;
     let services = match &a.files {
@@ -159,7 +140,7 @@ pub(crate) fn run(a: ServerArgs) -> anyhow::Result<i32> {
         None => Services::new(),
     };
     let mut engine = Engine::start(cfg.clone(), Arc::new(services))
-        .context("cannot start the completion ports (is io_uring available?)")?;
+        .with_context(|| super::start_failure(backend))?;
     for addr in &a.listen {
         let bound = engine.listen(*addr, 4096).with_context(|| {
             format!(

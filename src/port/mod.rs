@@ -1,7 +1,8 @@
 //! The completion port: the IOCP contract as a safe Rust type.
 //!
 //! A [`CompletionPort`] takes operations ([`Op`]) that own their buffers,
-//! runs them on a backend (io_uring on Linux), and hands their completions
+//! runs them on a backend (io_uring on Linux, or epoll where io_uring is
+//! unavailable; see [`BackendKind`]), and hands their completions
 //! to any number of worker threads. It owns the policy the seeds get from
 //! the Windows kernel:
 //!
@@ -38,9 +39,57 @@ use socket2::Socket;
 
 use crate::op::{Completion, Op, OpId, Outcome};
 
+/// Which backend a port runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BackendKind {
+    /// io_uring if the kernel allows it (set-up and every opcode cport
+    /// uses), otherwise poll. The choice and its reason are logged once.
+    #[default]
+    Auto,
+    /// io_uring, or an error saying why it is unavailable.
+    Uring,
+    /// epoll readiness turned into completions: works where io_uring is
+    /// blocked (container seccomp profiles, `kernel.io_uring_disabled`, old
+    /// kernels).
+    Poll,
+}
+
+impl BackendKind {
+    /// Lower-case name, as `--backend` spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            BackendKind::Auto => "auto",
+            BackendKind::Uring => "uring",
+            BackendKind::Poll => "poll",
+        }
+    }
+}
+
+impl fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for BackendKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<BackendKind, String> {
+        match s {
+            "auto" => Ok(BackendKind::Auto),
+            "uring" => Ok(BackendKind::Uring),
+            "poll" => Ok(BackendKind::Poll),
+            other => Err(format!(
+                "unknown backend '{other}' (use auto, uring or poll)"
+            )),
+        }
+    }
+}
+
 /// How to build a port.
 #[derive(Debug, Clone)]
 pub struct PortConfig {
+    /// The backend to run on (default: `Auto`).
+    pub backend: BackendKind,
     /// At most this many workers process completions at once (default: cores).
     pub concurrency: usize,
     /// Submission-queue entries (the completion queue gets four times as many).
@@ -59,6 +108,7 @@ pub struct PortConfig {
 impl Default for PortConfig {
     fn default() -> Self {
         PortConfig {
+            backend: BackendKind::Auto,
             concurrency: thread::available_parallelism().map_or(2, |n| n.get()),
             entries: 4096,
             recv_bufs: 4096,
@@ -113,7 +163,7 @@ impl fmt::Debug for CompletionPort {
 }
 
 impl CompletionPort {
-    /// Creates a port on the platform's completion backend.
+    /// Creates a port on the backend `config.backend` asks for.
     pub fn new(config: &PortConfig) -> io::Result<CompletionPort> {
         let sys = sys::Backend::new(config)?;
         Ok(CompletionPort {

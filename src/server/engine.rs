@@ -487,6 +487,7 @@ impl Engine {
             outstanding_bufs: sh.bufs_leased() as u64,
             connections_left: sh.conn_count() as u64,
             uptime: sh.started.elapsed(),
+            backend: sh.ports[0].port.backend().to_string(),
         };
         self.summary = Some(summary.clone());
         summary

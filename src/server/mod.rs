@@ -75,13 +75,15 @@ pub struct Summary {
     pub connections_left: u64,
     /// How long the engine ran.
     pub uptime: Duration,
+    /// Name of the backend the ports ran on ("uring", "poll").
+    pub backend: String,
 }
 
 impl fmt::Display for Summary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "connections_served={} connections_connected={} bytes_in={} bytes_out={} frames_in={} frames_out={} outstanding_ops={} outstanding_bufs={} connections_left={} uptime_s={:.1}",
+            "connections_served={} connections_connected={} bytes_in={} bytes_out={} frames_in={} frames_out={} outstanding_ops={} outstanding_bufs={} connections_left={} uptime_s={:.1} backend={}",
             self.connections_served,
             self.connections_connected,
             self.bytes_in,
@@ -91,7 +93,8 @@ impl fmt::Display for Summary {
             self.outstanding_ops,
             self.outstanding_bufs,
             self.connections_left,
-            self.uptime.as_secs_f64()
+            self.uptime.as_secs_f64(),
+            self.backend
         )
     }
 }

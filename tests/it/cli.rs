@@ -40,6 +40,7 @@ fn bad_flag_values_exit_2_with_error_line() {
         &["--max-frame", ""],
         &["--protocol", "foo"],
         &["--backend", "bogus"],
+        &["--backend", "iocp"],
         &["--listen", "not-an-address"],
         &["--listen", "127.0.0.1:99999"],
         &["--idle-timeout", "xyz"],
@@ -121,11 +122,32 @@ fn help_exits_0() {
         "--count",
         "--interval",
         "--connections",
+        "--backend",
     ] {
         assert!(
             client.stdout.contains(flag),
             "`cport client --help` should document {flag}\n{}",
             client.dump()
+        );
+    }
+}
+
+#[test]
+fn iocp_backend_is_refused_on_linux_with_a_clear_message() {
+    for sub in [
+        &["server", "--listen", "127.0.0.1:0"][..],
+        &["client", "--connect", "127.0.0.1:9", "--message", "x"][..],
+    ] {
+        let mut args = sub.to_vec();
+        args.extend_from_slice(&["--backend", "iocp"]);
+        let out = run_cport(&args, None, CLI_TIMEOUT);
+        if let Err(e) = assert_usage_error(&out, &format!("cport {}", args.join(" "))) {
+            panic!("{e}");
+        }
+        let line = error_lines(&out.stderr)[0].to_string();
+        assert!(
+            line.contains("iocp") && line.contains("Windows"),
+            "the error says iocp is the Windows backend: {line:?}"
         );
     }
 }

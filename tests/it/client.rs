@@ -17,9 +17,8 @@ fn summary_line(out: &CmdOutput) -> &str {
 fn client_20_connections_x_3_messages() {
     let mut srv = Server::start(&[]);
     let addr = srv.addr().to_string();
-    let out = run_cport(
+    let out = run_client(
         &[
-            "client",
             "--connect",
             &addr,
             "--message",
@@ -67,8 +66,8 @@ fn client_20_connections_x_3_messages() {
 fn client_line_mode_echo_ping_quit() {
     let mut srv = Server::start(&[]);
     let addr = srv.addr().to_string();
-    let out = run_cport(
-        &["client", "--connect", &addr],
+    let out = run_client(
+        &["--connect", &addr],
         Some(b"hello\n/ping\n/quit\n"),
         CLIENT_TIMEOUT,
     );
@@ -93,8 +92,8 @@ fn client_line_mode_echo_ping_quit() {
 fn client_line_mode_stats_then_eof() {
     let mut srv = Server::start(&["--ports", "1", "--workers", "2"]);
     let addr = srv.addr().to_string();
-    let out = run_cport(
-        &["client", "--connect", &addr],
+    let out = run_client(
+        &["--connect", &addr],
         Some(b"first line\n/stats\nsecond line\n"),
         CLIENT_TIMEOUT,
     );
@@ -134,9 +133,8 @@ fn client_connect_to_closed_port_fails_cleanly() {
         l.local_addr().unwrap().port()
     };
     let addr = format!("127.0.0.1:{port}");
-    let out = run_cport(
+    let out = run_client(
         &[
-            "client",
             "--connect",
             &addr,
             "--message",

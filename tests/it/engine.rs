@@ -60,12 +60,17 @@ fn read_frame(s: &mut TcpStream) -> (u32, Vec<u8>) {
 
 fn run_model(ports: usize, workers: usize) {
     let handler = Arc::new(Counter::default());
-    let cfg = EngineConfig {
+    let mut cfg = EngineConfig {
         ports,
         workers,
         ..EngineConfig::default()
     };
+    cfg.port.backend = crate::util::test_port_backend();
+    let backend = cfg.port.backend;
     let mut engine = Engine::start(cfg, handler.clone()).unwrap();
+    if backend != cport::port::BackendKind::Auto {
+        assert_eq!(engine.backend(), backend.name());
+    }
     let addr = engine.listen("127.0.0.1:0".parse().unwrap(), 128).unwrap();
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
@@ -97,6 +102,7 @@ fn run_model(ports: usize, workers: usize) {
     assert_eq!(summary.connections_served, 1);
     assert_eq!(summary.outstanding_ops, 0);
     assert_eq!(summary.outstanding_bufs, 0);
+    assert_eq!(summary.backend, engine.backend());
 }
 
 #[test]

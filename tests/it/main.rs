@@ -17,6 +17,7 @@ mod cli;
 mod client;
 mod echo;
 mod engine;
+mod fallback;
 mod port;
 mod protocol;
 mod raw;

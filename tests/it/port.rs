@@ -10,16 +10,32 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use cport::op::{Op, Outcome};
-use cport::port::{CompletionPort, PortConfig};
+use cport::port::{BackendKind, CompletionPort, PortConfig};
 use socket2::Socket;
 
+use crate::util::test_port_backend;
+
+/// A port on the backend `CPORT_TEST_BACKEND` names (default: auto).
 fn port(concurrency: usize) -> CompletionPort {
+    port_with(concurrency, 256, test_port_backend())
+}
+
+fn port_with(concurrency: usize, recv_bufs: u32, backend: BackendKind) -> CompletionPort {
     let cfg = PortConfig {
         concurrency,
-        recv_bufs: 256,
+        recv_bufs,
+        backend,
         ..PortConfig::default()
     };
-    CompletionPort::new(&cfg).expect("create port")
+    let p = CompletionPort::new(&cfg).expect("create port");
+    if backend != BackendKind::Auto {
+        assert_eq!(
+            p.backend(),
+            backend.name(),
+            "the port runs the backend asked for"
+        );
+    }
+    p
 }
 
 /// Waits (bounded) until `cond` holds.
@@ -403,4 +419,338 @@ fn closing_with_operations_in_flight_thousands_of_times() {
     assert_eq!(completed.load(Ordering::SeqCst), submitted);
     assert_eq!(p.bufs_leased(), 0);
     assert_eq!(p.outstanding(), 0);
+}
+
+#[test]
+fn cancel_ends_a_waiting_receive_without_taking_a_buffer() {
+    let p = port(1);
+    let mut w = p.worker();
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let (mut client, server) = pair(&l);
+    let server = Arc::new(server);
+    let id = p
+        .submit(
+            4,
+            Op::Recv {
+                socket: server.clone(),
+            },
+        )
+        .unwrap();
+    assert!(w.get(Some(Duration::from_millis(50))).unwrap().is_none());
+    p.cancel(id).unwrap();
+    let c = w
+        .get(Some(Duration::from_secs(30)))
+        .unwrap()
+        .expect("the cancelled receive completes");
+    assert_eq!((c.key, c.op), (4, Some(id)));
+    match c.outcome {
+        Outcome::Received(Err(e)) => assert_eq!(e.raw_os_error(), Some(libc::ECANCELED)),
+        o => panic!("unexpected {o:?}"),
+    }
+    assert_eq!(p.outstanding(), 0);
+    assert_eq!(p.bufs_leased(), 0);
+    // Exactly once: nothing else comes for it.
+    assert!(w.get(Some(Duration::from_millis(100))).unwrap().is_none());
+    // The socket is still usable.
+    p.submit(4, Op::Recv { socket: server }).unwrap();
+    client.write_all(b"after").unwrap();
+    let c = w.get(Some(Duration::from_secs(30))).unwrap().unwrap();
+    let Outcome::Received(Ok(buf)) = c.outcome else {
+        panic!("receive after cancel")
+    };
+    assert_eq!(&buf[..], b"after");
+}
+
+#[test]
+fn an_empty_pool_fails_a_readable_receive_with_enobufs() {
+    let p = port_with(1, 2, test_port_backend());
+    let mut w = p.worker();
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut conns: Vec<(TcpStream, Arc<Socket>)> = (0..3)
+        .map(|_| {
+            let (c, s) = pair(&l);
+            (c, Arc::new(s))
+        })
+        .collect();
+    let mut held = Vec::new();
+    for (i, (c, s)) in conns.iter_mut().enumerate().take(2) {
+        c.write_all(b"x").unwrap();
+        p.submit(i as u64, Op::Recv { socket: s.clone() }).unwrap();
+        let got = w.get(Some(Duration::from_secs(30))).unwrap().unwrap();
+        let Outcome::Received(Ok(buf)) = got.outcome else {
+            panic!("receive {i}: {:?}", got.outcome)
+        };
+        held.push(buf);
+    }
+    assert_eq!(p.bufs_leased(), 2, "both pooled buffers are lent out");
+    conns[2].0.write_all(b"third").unwrap();
+    p.submit(
+        2,
+        Op::Recv {
+            socket: conns[2].1.clone(),
+        },
+    )
+    .unwrap();
+    let got = w.get(Some(Duration::from_secs(30))).unwrap().unwrap();
+    match got.outcome {
+        Outcome::Received(Err(e)) => assert_eq!(e.raw_os_error(), Some(libc::ENOBUFS)),
+        o => panic!("with the pool empty a receive must fail with ENOBUFS, got {o:?}"),
+    }
+    drop(held.pop());
+    p.submit(
+        2,
+        Op::Recv {
+            socket: conns[2].1.clone(),
+        },
+    )
+    .unwrap();
+    let got = w.get(Some(Duration::from_secs(30))).unwrap().unwrap();
+    let Outcome::Received(Ok(buf)) = got.outcome else {
+        panic!("receive after a buffer came back: {:?}", got.outcome)
+    };
+    assert_eq!(&buf[..], b"third", "no byte was lost by the failed receive");
+    drop(buf);
+    drop(held);
+    assert_eq!(p.bufs_leased(), 0);
+    assert_eq!(p.outstanding(), 0);
+}
+
+/// Byte `i` of the stream the full-socket test sends.
+fn stream_byte(i: usize) -> u8 {
+    (i % 251) as u8
+}
+
+#[test]
+fn a_send_into_a_full_socket_waits_for_room() {
+    let p = port(1);
+    let mut w = p.worker();
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let (client, server) = pair(&l);
+    let server = Arc::new(server);
+    let chunk = 1 << 20;
+    let mut sent = 0usize;
+    let mut waiting = None;
+    // The peer does not read: sends complete (fully or partly) until the
+    // socket's buffers are full; then one must wait instead of completing.
+    for _ in 0..64 {
+        let bufs = vec![Bytes::from(
+            (sent..sent + chunk).map(stream_byte).collect::<Vec<u8>>(),
+        )];
+        let id = p
+            .submit(
+                8,
+                Op::Send {
+                    socket: server.clone(),
+                    bufs,
+                },
+            )
+            .unwrap();
+        match w.get(Some(Duration::from_millis(300))).unwrap() {
+            Some(c) => {
+                let Outcome::Sent { result, bufs } = c.outcome else {
+                    panic!("unexpected {:?}", c.outcome)
+                };
+                assert_eq!(bufs.len(), 1);
+                let n = result.expect("send into a live socket");
+                assert!(n > 0 && n <= chunk);
+                sent += n;
+            }
+            None => {
+                waiting = Some(id);
+                break;
+            }
+        }
+    }
+    let id = waiting.expect("64 MiB never filled a loopback socket that nobody reads");
+    assert_eq!(p.outstanding(), 1, "the blocked send is still in flight");
+    // Now read everything: the waiting send must complete once there is room.
+    let reader = thread::spawn(move || {
+        let mut client = client;
+        client
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).map(|_| got)
+    });
+    let c = w
+        .get(Some(Duration::from_secs(30)))
+        .unwrap()
+        .expect("the waiting send completes once the peer reads");
+    assert_eq!(c.op, Some(id));
+    let Outcome::Sent { result, .. } = c.outcome else {
+        panic!("unexpected {:?}", c.outcome)
+    };
+    let n = result.expect("send after room appeared");
+    assert!(n > 0);
+    sent += n;
+    server.shutdown(std::net::Shutdown::Write).unwrap();
+    let got = reader.join().unwrap().expect("read the stream");
+    assert_eq!(
+        got.len(),
+        sent,
+        "the peer reads exactly what was reported sent"
+    );
+    let bad = got
+        .iter()
+        .enumerate()
+        .position(|(i, b)| *b != stream_byte(i));
+    assert_eq!(bad, None, "stream corrupted at this offset");
+    assert_eq!(p.outstanding(), 0);
+}
+
+/// A worker's submission is handed over when it next waits, even while
+/// another worker leads with a long timeout (io_uring: the SQE reaches the
+/// kernel; poll: the sleeping leader is woken).
+#[test]
+fn a_worker_submission_reaches_a_sleeping_leader() {
+    let p = port(2);
+    let (tx, rx) = mpsc::channel();
+    let leader = {
+        let (p, tx) = (p.clone(), tx.clone());
+        thread::spawn(move || {
+            let mut w = p.worker();
+            let c = w.get(Some(Duration::from_secs(30))).unwrap();
+            tx.send(c.map(|c| c.key)).unwrap();
+        })
+    };
+    wait_until("the first worker to lead", || p.idle_workers() == 1);
+    let mut me = p.worker();
+    let start = Instant::now();
+    p.submit(
+        77,
+        Op::Timeout {
+            after: Duration::from_millis(10),
+        },
+    )
+    .unwrap();
+    // This worker becomes a follower (a leader exists) and flushes.
+    let mine = me.get(Some(Duration::from_millis(1500))).unwrap();
+    let got = match mine {
+        Some(c) => Some(c.key),
+        None => rx.recv_timeout(Duration::from_secs(30)).unwrap(),
+    };
+    assert_eq!(got, Some(77));
+    assert!(
+        start.elapsed() < Duration::from_secs(10),
+        "the timer waited for the leader's own timeout ({:?})",
+        start.elapsed()
+    );
+    drop(me);
+    p.post(1, 1);
+    leader.join().unwrap();
+}
+
+#[test]
+fn poll_backend_allows_one_op_per_socket_side() {
+    let p = port_with(1, 16, BackendKind::Poll);
+    let mut w = p.worker();
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let (_client, server) = pair(&l);
+    let server = Arc::new(server);
+    let recv = p
+        .submit(
+            1,
+            Op::Recv {
+                socket: server.clone(),
+            },
+        )
+        .unwrap();
+    let e = p
+        .submit(
+            1,
+            Op::Recv {
+                socket: server.clone(),
+            },
+        )
+        .expect_err("a second receive on one socket is refused");
+    assert_eq!(e.kind(), std::io::ErrorKind::ResourceBusy, "{e}");
+    let listener = Arc::new(Socket::from(TcpListener::bind("127.0.0.1:0").unwrap()));
+    let accept = p
+        .submit(
+            2,
+            Op::Accept {
+                listener: listener.clone(),
+            },
+        )
+        .unwrap();
+    assert!(p.submit(2, Op::Accept { listener }).is_err());
+    // The write side is independent of the read side.
+    let send = p
+        .submit(
+            1,
+            Op::Send {
+                socket: server.clone(),
+                bufs: vec![Bytes::from_static(b"x")],
+            },
+        )
+        .unwrap();
+    assert_eq!(p.outstanding(), 3, "refused submissions are not in flight");
+    p.cancel(recv).unwrap();
+    p.cancel(accept).unwrap();
+    let mut seen = Vec::new();
+    while seen.len() < 3 {
+        let c = w
+            .get(Some(Duration::from_secs(30)))
+            .unwrap()
+            .expect("completion");
+        seen.push(c.op.unwrap());
+    }
+    seen.sort_by_key(|id| id.raw());
+    let mut want = vec![recv, accept, send];
+    want.sort_by_key(|id| id.raw());
+    assert_eq!(seen, want, "each op completes exactly once");
+    assert_eq!(p.outstanding(), 0);
+}
+
+/// Posts from several threads while the only worker leads with a long
+/// timeout: a post that finds it waiting in the kernel must wake it, every
+/// time, or it sleeps out its whole timeout.
+#[test]
+fn posts_always_wake_a_leader_with_a_long_timeout() {
+    let p = port(1);
+    let total = 40_000u64;
+    let posters = 4u64;
+    let got = Arc::new(AtomicUsize::new(0));
+    let worker = {
+        let (p, got) = (p.clone(), got.clone());
+        thread::spawn(move || {
+            let mut w = p.worker();
+            let mut batch = Vec::new();
+            while got.load(Ordering::SeqCst) < total as usize {
+                batch.clear();
+                let n = w
+                    .get_many(&mut batch, 4, Some(Duration::from_secs(60)))
+                    .unwrap();
+                got.fetch_add(n, Ordering::SeqCst);
+            }
+        })
+    };
+    let start = Instant::now();
+    let threads: Vec<_> = (0..posters)
+        .map(|t| {
+            let p = p.clone();
+            thread::spawn(move || {
+                for i in 0..total / posters {
+                    p.post(t, i);
+                    // Let the leader go back to sleep now and then, so that
+                    // posts keep landing on a leader inside its wait.
+                    if (i + t) % 3 == 0 {
+                        thread::yield_now();
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    wait_until("every post to be taken", || {
+        got.load(Ordering::SeqCst) == total as usize
+    });
+    worker.join().unwrap();
+    assert!(
+        start.elapsed() < Duration::from_secs(30),
+        "posts took {:?}: a wake-up was lost",
+        start.elapsed()
+    );
 }

@@ -78,6 +78,29 @@ pub fn test_backend() -> Option<String> {
         .filter(|s| !s.is_empty())
 }
 
+/// The library backend `CPORT_TEST_BACKEND` names (`Auto` when unset), for
+/// the tests that build ports and engines directly.
+pub fn test_port_backend() -> cport::port::BackendKind {
+    match test_backend() {
+        None => cport::port::BackendKind::Auto,
+        Some(b) => b
+            .parse()
+            .unwrap_or_else(|e| panic!("CPORT_TEST_BACKEND: {e}")),
+    }
+}
+
+/// Run `cport client <args>`, adding `--backend $CPORT_TEST_BACKEND` if set
+/// (see [`run_cport`]).
+pub fn run_client(args: &[&str], stdin: Option<&[u8]>, timeout: Duration) -> CmdOutput {
+    let mut full = vec!["client"];
+    full.extend_from_slice(args);
+    let backend = test_backend();
+    if let Some(b) = &backend {
+        full.extend_from_slice(&["--backend", b.as_str()]);
+    }
+    run_cport(&full, stdin, timeout)
+}
+
 /// Remove ANSI escape sequences (colours) from text.
 pub fn strip_ansi(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
@@ -129,7 +152,19 @@ fn spawn_reader<R: Read + Send + 'static>(mut r: R) -> JoinHandle<Vec<u8>> {
 /// Run `cport <args>` to completion with an optional stdin, killing it (and
 /// panicking) if it does not exit within `timeout`.
 pub fn run_cport(args: &[&str], stdin: Option<&[u8]>, timeout: Duration) -> CmdOutput {
+    run_cport_with(args, stdin, timeout, |_| {})
+}
+
+/// [`run_cport`], letting `customize` adjust the command first (e.g. install
+/// a `pre_exec` hook).
+pub fn run_cport_with(
+    args: &[&str],
+    stdin: Option<&[u8]>,
+    timeout: Duration,
+    customize: impl FnOnce(&mut Command),
+) -> CmdOutput {
     let mut cmd = Command::new(cport_bin());
+    customize(&mut cmd);
     cmd.args(args)
         .env("NO_COLOR", "1")
         .stdout(Stdio::piped())
@@ -265,38 +300,16 @@ impl Server {
     /// `--listen 127.0.0.1:0`. Adds `--backend $CPORT_TEST_BACKEND` if set.
     /// Waits (up to 30 s) until one `listening on` line per listener appeared.
     pub fn start(args: &[&str]) -> Server {
-        Server::start_inner(args, None)
+        Server::start_with(args, true, |_| {})
     }
 
+    /// Like [`start`](Self::start), but `--backend $CPORT_TEST_BACKEND` is
+    /// added only if `env_backend`, and `customize` adjusts the command
+    /// before it is spawned.
     /// Like [`Server::start`], with the server's descriptor limit (soft and
     /// hard) set to `limit` before it runs, as on a machine where it is low.
     pub fn start_with_fd_limit(args: &[&str], limit: u64) -> Server {
-        Server::start_inner(args, Some(limit))
-    }
-
-    fn start_inner(args: &[&str], fd_limit: Option<u64>) -> Server {
-        let mut full: Vec<String> = vec!["server".to_string()];
-        full.extend(args.iter().map(|s| s.to_string()));
-        let mut listeners = args.iter().filter(|a| **a == "--listen").count();
-        if listeners == 0 {
-            full.push("--listen".into());
-            full.push("127.0.0.1:0".into());
-            listeners = 1;
-        }
-        match test_backend() {
-            Some(b) => {
-                eprintln!("[it] starting cport server with --backend {b}");
-                full.push("--backend".into());
-                full.push(b);
-            }
-            None => eprintln!(
-                "[it] starting cport server with the default backend (CPORT_TEST_BACKEND not set)"
-            ),
-        }
-        eprintln!("[it] cport {}", full.join(" "));
-
-        let mut cmd = Command::new(cport_bin());
-        if let Some(limit) = fd_limit {
+        Server::start_with(args, true, |cmd| {
             use std::os::unix::process::CommandExt;
             // SAFETY: setrlimit is async-signal-safe and touches only the
             // struct on this (child's) stack.
@@ -312,13 +325,43 @@ impl Server {
                     Ok(())
                 });
             }
+        })
+    }
+
+    pub fn start_with(
+        args: &[&str],
+        env_backend: bool,
+        customize: impl FnOnce(&mut Command),
+    ) -> Server {
+        let mut full: Vec<String> = vec!["server".to_string()];
+        full.extend(args.iter().map(|s| s.to_string()));
+        let mut listeners = args.iter().filter(|a| **a == "--listen").count();
+        if listeners == 0 {
+            full.push("--listen".into());
+            full.push("127.0.0.1:0".into());
+            listeners = 1;
         }
-        let mut child = cmd
-            .args(&full)
+        match (env_backend, test_backend()) {
+            (false, _) => {}
+            (true, Some(b)) => {
+                eprintln!("[it] starting cport server with --backend {b}");
+                full.push("--backend".into());
+                full.push(b);
+            }
+            (true, None) => eprintln!(
+                "[it] starting cport server with the default backend (CPORT_TEST_BACKEND not set)"
+            ),
+        }
+        eprintln!("[it] cport {}", full.join(" "));
+
+        let mut cmd = Command::new(cport_bin());
+        cmd.args(&full)
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
+            .stderr(Stdio::piped());
+        customize(&mut cmd);
+        let mut child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("failed to spawn {:?}: {e}", cport_bin()));
         let pid = child.id() as i32;

@@ -2,8 +2,8 @@
 //!
 //! # The contract every backend meets
 //!
-//! A backend is a type `Backend` with these `pub(crate)` functions, and
-//! nothing above this module knows which one runs:
+//! A backend is a module with a type `Backend` that has these `pub(crate)`
+//! functions, and nothing above this module knows which one runs:
 //!
 //! - `Backend::new(&PortConfig) -> io::Result<Backend>`
 //! - `name(&self) -> &'static str` — "uring", "poll" or "iocp".
@@ -32,13 +32,22 @@
 //! Dropping a backend cancels whatever is still in flight and waits for it;
 //! memory the kernel might still write is leaked rather than freed.
 //!
+//! On Linux two backends meet it: `uring/` (io_uring, true completions)
+//! and `poll/` (epoll readiness turned into completions in the backend).
+//! [`Backend`] here is the one the port holds: an enum over them that
+//! delegates every call, chosen once per port from
+//! [`PortConfig::backend`](crate::port::PortConfig). `Auto` takes io_uring
+//! when the kernel lets us set up a ring with every opcode cport uses, and
+//! otherwise falls back to poll, logging (once per process) which runs and
+//! why.
+//!
 //! OS helpers that are not part of the port (process CPU and memory) live
 //! here too, so that nothing above `sys` says `cfg(target_os)`.
 
 #[cfg(target_os = "linux")]
-mod uring;
+mod poll;
 #[cfg(target_os = "linux")]
-pub(crate) use uring::Backend;
+mod uring;
 
 #[cfg(target_os = "linux")]
 mod linux;
@@ -46,3 +55,113 @@ mod linux;
 pub use linux::{
     ProcessUsage, fd_limit, is_escape, open_beneath, process_usage, raise_fd_limit, set_keepalive,
 };
+
+use std::collections::VecDeque;
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use socket2::Socket;
+
+use crate::op::{Completion, Op, OpId};
+use crate::port::{BackendKind, PortConfig};
+
+/// The backend a port runs on.
+#[derive(Debug)]
+pub(crate) enum Backend {
+    /// io_uring.
+    Uring(uring::Backend),
+    /// epoll.
+    Poll(poll::Backend),
+}
+
+/// Once `Auto` fell back to poll, later `Auto` ports do not probe again, so
+/// the ports of one engine agree.
+static AUTO_FELL_BACK: AtomicBool = AtomicBool::new(false);
+/// The one log line about `Auto`'s choice has been written.
+static AUTO_LOGGED: AtomicBool = AtomicBool::new(false);
+
+macro_rules! delegate {
+    ($self:ident, $b:ident => $e:expr) => {
+        match $self {
+            Backend::Uring($b) => $e,
+            Backend::Poll($b) => $e,
+        }
+    };
+}
+
+impl Backend {
+    pub(crate) fn new(cfg: &PortConfig) -> io::Result<Backend> {
+        match cfg.backend {
+            BackendKind::Poll => poll::Backend::new(cfg).map(Backend::Poll),
+            BackendKind::Uring => uring::Backend::new(cfg)
+                .map(Backend::Uring)
+                .map_err(|e| io::Error::new(e.kind(), format!("io_uring is unavailable: {e}"))),
+            BackendKind::Auto => {
+                if AUTO_FELL_BACK.load(Ordering::Relaxed) {
+                    return poll::Backend::new(cfg).map(Backend::Poll);
+                }
+                match uring::Backend::new(cfg) {
+                    Ok(b) => {
+                        if !AUTO_LOGGED.swap(true, Ordering::Relaxed) {
+                            tracing::info!(
+                                "completion backend: uring (io_uring set up with every opcode cport uses)"
+                            );
+                        }
+                        Ok(Backend::Uring(b))
+                    }
+                    Err(e) => {
+                        AUTO_FELL_BACK.store(true, Ordering::Relaxed);
+                        let b = poll::Backend::new(cfg)?;
+                        if !AUTO_LOGGED.swap(true, Ordering::Relaxed) {
+                            tracing::warn!(
+                                "completion backend: poll (epoll), because io_uring is unavailable: {e}"
+                            );
+                        }
+                        Ok(Backend::Poll(b))
+                    }
+                }
+            }
+        }
+    }
+
+    pub(crate) fn name(&self) -> &'static str {
+        delegate!(self, b => b.name())
+    }
+
+    pub(crate) fn associate(&self, socket: &Socket) -> io::Result<()> {
+        delegate!(self, b => b.associate(socket))
+    }
+
+    pub(crate) fn submit(&self, key: u64, op: Op) -> io::Result<OpId> {
+        delegate!(self, b => b.submit(key, op))
+    }
+
+    pub(crate) fn cancel(&self, id: OpId) -> io::Result<()> {
+        delegate!(self, b => b.cancel(id))
+    }
+
+    pub(crate) fn flush(&self) -> io::Result<()> {
+        delegate!(self, b => b.flush())
+    }
+
+    pub(crate) fn wait(
+        &self,
+        timeout: Option<Duration>,
+        out: &mut VecDeque<Completion>,
+    ) -> io::Result<()> {
+        delegate!(self, b => b.wait(timeout, out))
+    }
+
+    pub(crate) fn wake(&self) {
+        delegate!(self, b => b.wake())
+    }
+
+    pub(crate) fn outstanding(&self) -> usize {
+        delegate!(self, b => b.outstanding())
+    }
+
+    pub(crate) fn bufs_leased(&self) -> usize {
+        delegate!(self, b => b.bufs_leased())
+    }
+}

@@ -125,7 +125,9 @@ impl Backend {
         }
         let ring = builder
             .build(entries)
-            .or_else(|_| IoUring::builder().setup_cqsize(entries * 4).build(entries))?;
+            .or_else(|_| IoUring::builder().setup_cqsize(entries * 4).build(entries))
+            .map_err(|e| io::Error::new(e.kind(), format!("io_uring_setup failed: {e}")))?;
+        probe(&ring)?;
         // SAFETY: eventfd has no memory-safety preconditions; the result is
         // checked before it is wrapped.
         let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
@@ -134,7 +136,17 @@ impl Backend {
         }
         // SAFETY: efd is a fresh descriptor nobody else owns.
         let eventfd = unsafe { OwnedFd::from_raw_fd(efd) };
-        let bufs = Arc::new(BufRing::new(&ring, BGID, cfg.recv_bufs, cfg.recv_buf_size)?);
+        // Provided-buffer rings and multishot accept both came with Linux
+        // 5.19 and the probe cannot see the multishot flag; this
+        // registration failing is how an older kernel shows.
+        let bufs = Arc::new(
+            BufRing::new(&ring, BGID, cfg.recv_bufs, cfg.recv_buf_size).map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("cannot register a provided-buffer ring (Linux 5.19 or newer): {e}"),
+                )
+            })?,
+        );
         let backend = Backend {
             ring,
             sq: Mutex::new(()),
@@ -462,6 +474,42 @@ impl Backend {
 
     pub(crate) fn bufs_leased(&self) -> usize {
         self.bufs.leased()
+    }
+}
+
+/// Checks, with IORING_REGISTER_PROBE, that the kernel knows every opcode
+/// cport submits; a kernel that lacks one would fail those operations at
+/// run time instead of at start.
+fn probe(ring: &IoUring) -> io::Result<()> {
+    let mut probe = io_uring::Probe::new();
+    ring.submitter()
+        .register_probe(&mut probe)
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot probe io_uring opcodes: {e}")))?;
+    let needed = [
+        (opcode::AcceptMulti::CODE, "accept"),
+        (opcode::Recv::CODE, "recv"),
+        (opcode::SendMsg::CODE, "sendmsg"),
+        (opcode::Connect::CODE, "connect"),
+        (opcode::Close::CODE, "close"),
+        (opcode::Timeout::CODE, "timeout"),
+        (opcode::PollAdd::CODE, "poll_add"),
+        (opcode::AsyncCancel::CODE, "async_cancel"),
+    ];
+    let missing: Vec<&str> = needed
+        .iter()
+        .filter(|(code, _)| !probe.is_supported(*code))
+        .map(|(_, name)| *name)
+        .collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            format!(
+                "the kernel's io_uring lacks opcodes: {}",
+                missing.join(", ")
+            ),
+        ))
     }
 }
 
