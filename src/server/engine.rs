@@ -181,6 +181,11 @@ impl fmt::Debug for Engine {
 
 /// A borrowed handle on a running engine, usable from handlers and from
 /// other threads.
+///
+/// It borrows the [`Engine`] (from [`Engine::handle`]) or the callback's
+/// connection (from [`Ctx::engine`]), so a handler cannot keep one: the
+/// engine owns the handler. A thread that must post outside any callback
+/// borrows one from the `Engine`, e.g. in a [`std::thread::scope`].
 #[derive(Clone, Copy)]
 pub struct EngineRef<'a> {
     pub(crate) shared: &'a Shared,
@@ -199,7 +204,15 @@ impl EngineRef<'_> {
     }
 
     /// Queues `value` to connection `id`'s [`Handler::on_posted`], run on a
-    /// worker of its port. Returns false if the connection is gone.
+    /// worker of its port (the seeds' `PostQueuedCompletionStatus`).
+    /// Returns false if the connection is gone.
+    ///
+    /// It does not lock the target connection, only the port's connection
+    /// table for a look-up, so it is safe from any callback and any thread:
+    /// the way for one connection's callback to hand work to another.
+    /// True means queued, not delivered: if the connection starts closing
+    /// first, the value is dropped (see [`Handler::on_posted`]). A [`ConnId`]
+    /// never names a later connection, so a value never reaches the wrong one.
     pub fn post(&self, id: ConnId, value: u64) -> bool {
         if id.port() >= self.shared.ports.len() || self.shared.lookup(id).is_none() {
             return false;
@@ -210,6 +223,12 @@ impl EngineRef<'_> {
 
     /// Queues bytes on connection `id` from any thread. Returns false if the
     /// connection is gone or closing.
+    ///
+    /// This locks connection `id`. Do not call it from a [`Handler`]
+    /// callback: that callback already holds its own connection's lock, so
+    /// calling it for the same connection deadlocks, and two callbacks
+    /// calling it for each other's connections deadlock too. From a
+    /// callback, [`post`](Self::post) instead.
     pub fn send(&self, id: ConnId, bytes: bytes::Bytes) -> bool {
         self.shared.with_conn(id, |ctx| {
             if ctx.is_closing() {
@@ -221,7 +240,9 @@ impl EngineRef<'_> {
         }) == Some(true)
     }
 
-    /// Closes connection `id` after its queued bytes are sent.
+    /// Closes connection `id` after its queued bytes are sent. Returns false
+    /// if the connection is gone. Locks connection `id`: like
+    /// [`send`](Self::send), not for use from a [`Handler`] callback.
     pub fn close(&self, id: ConnId) -> bool {
         self.shared.with_conn(id, |ctx| ctx.close()).is_some()
     }
@@ -233,7 +254,8 @@ impl EngineRef<'_> {
 }
 
 impl Engine {
-    /// Starts an engine: creates the ports and their worker threads.
+    /// Starts an engine: creates the ports and their worker threads. One
+    /// `handler` serves every connection, on every worker.
     pub fn start(cfg: EngineConfig, handler: Arc<dyn Handler>) -> io::Result<Engine> {
         if cfg.ports == 0 || cfg.ports > MAX_PORTS {
             return Err(io::Error::new(
