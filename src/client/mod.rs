@@ -16,7 +16,9 @@ use bytes::Bytes;
 use hdrhistogram::Histogram;
 
 use crate::frame::{Frame, cmd};
-use crate::server::{CloseInfo, CloseReason, ConnId, Ctx, Engine, EngineConfig, Handler};
+use crate::server::{
+    CloseInfo, CloseReason, ConnId, Ctx, Engine, EngineConfig, EngineRef, Handler,
+};
 
 enum SessionEvent {
     Open,
@@ -41,7 +43,12 @@ impl Handler for SessionHandler {
     fn on_frame(&self, _ctx: &mut Ctx<'_>, frame: Frame) {
         self.send(SessionEvent::Frame(frame));
     }
-    fn on_close(&self, info: &CloseInfo, _data: Option<Box<dyn Any + Send>>) {
+    fn on_close(
+        &self,
+        _engine: EngineRef<'_>,
+        info: &CloseInfo,
+        _data: Option<Box<dyn Any + Send>>,
+    ) {
         self.send(SessionEvent::Closed(info.clone()));
     }
 }
@@ -305,7 +312,12 @@ impl Handler for MessagesHandler {
         }
     }
 
-    fn on_close(&self, info: &CloseInfo, data: Option<Box<dyn Any + Send>>) {
+    fn on_close(
+        &self,
+        _engine: EngineRef<'_>,
+        info: &CloseInfo,
+        data: Option<Box<dyn Any + Send>>,
+    ) {
         let st = data.and_then(|d| d.downcast::<ConnLoad>().ok());
         let complete = st.as_ref().is_some_and(|s| s.received >= self.cfg.count);
         let mut t = self.totals.lock().unwrap_or_else(|e| e.into_inner());

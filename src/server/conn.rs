@@ -25,10 +25,10 @@ use socket2::Socket;
 
 use crate::frame::{self, Decoder};
 use crate::op::{MAX_SEND_BUFS, Op, OpId};
-use crate::server::ConnId;
 use crate::server::engine::{Protocol, Shared, TimerKey};
 use crate::server::handler::{CloseInfo, Ctx};
 use crate::server::stats::CloseReason;
+use crate::server::{ConnId, EngineRef};
 
 /// Timer values at or above this are the engine's own.
 pub(crate) const INTERNAL_TIMER: u64 = u64::MAX - 16;
@@ -40,8 +40,10 @@ const RECV_RETRY_TIMER: u64 = u64::MAX - 2;
 const IDLE_TIMER: u64 = u64::MAX - 3;
 /// Internal timer: a closing connection took too long to flush.
 const FLUSH_TIMER: u64 = u64::MAX - 4;
-/// Posted value: the connection's broadcast inbox has something.
+/// Posted value: the connection's inbox has something.
 pub(crate) const INBOX_POST: u64 = u64::MAX;
+/// Posted value: close the connection (from `EngineRef::close`).
+pub(crate) const CLOSE_POST: u64 = u64::MAX - 1;
 /// A broadcast recipient with more than this queued is dropped when the
 /// engine is over its total queue cap.
 const BACKLOG_WHEN_OVER_CAP: usize = 64 * 1024;
@@ -303,7 +305,7 @@ pub(crate) fn progress(shared: &Shared, conn: &Conn, st: &mut ConnState) {
     if conn.inbox_pending.swap(false, Ordering::AcqRel) {
         let frames = std::mem::take(&mut *conn.inbox.lock().unwrap_or_else(|e| e.into_inner()));
         for f in frames {
-            deliver_broadcast(shared, st, f);
+            deliver_inbox(shared, st, f);
         }
     }
     // Sending.
@@ -462,7 +464,7 @@ fn finalize(shared: &Shared, conn: &Conn, st: &mut ConnState) {
     let left = st.queued;
     st.unqueue(shared, left);
     let user = st.user.take();
-    shared.handler.on_close(&info, user);
+    shared.handler.on_close(EngineRef { shared }, &info, user);
     shared.conn_closed();
 }
 
@@ -546,9 +548,9 @@ pub(crate) fn on_sent_file(shared: &Shared, st: &mut ConnState, result: io::Resu
     }
 }
 
-/// Queues a broadcast frame from the inbox, or drops this connection as a
-/// slow consumer when it is too far behind.
-fn deliver_broadcast(shared: &Shared, st: &mut ConnState, frame: Bytes) {
+/// Queues bytes from the inbox (a broadcast, or `EngineRef::send`), or
+/// drops this connection as a slow consumer when it is too far behind.
+fn deliver_inbox(shared: &Shared, st: &mut ConnState, frame: Bytes) {
     if st.closing.is_some() {
         return;
     }
@@ -574,7 +576,7 @@ fn deliver_broadcast(shared: &Shared, st: &mut ConnState, frame: Bytes) {
         );
         return;
     }
-    shared.stats.frame_out(frame::cmd::BROADCAST);
+    shared.stats.frame_out(0);
     st.enqueue(shared, frame);
 }
 

@@ -20,7 +20,9 @@ use socket2::{Domain, Protocol as SockProtocol, Socket, Type};
 use crate::frame;
 use crate::op::{Completion, Op, OpId, Outcome};
 use crate::port::{CompletionPort, PortConfig};
-use crate::server::conn::{self, CloseMode, Conn, ConnState, INBOX_POST, INTERNAL_TIMER};
+use crate::server::conn::{
+    self, CLOSE_POST, CloseMode, Conn, ConnState, INBOX_POST, INTERNAL_TIMER,
+};
 use crate::server::handler::{Ctx, Handler};
 use crate::server::stats::{CloseReason, Stats, StatsSnapshot};
 use crate::server::{ConnId, Summary};
@@ -224,6 +226,11 @@ pub const MAX_POST_VALUE: u64 = u64::MAX - 32;
 
 /// A borrowed handle on a running engine, usable from handlers and from
 /// other threads.
+///
+/// It borrows the [`Engine`] (from [`Engine::handle`]) or the callback's
+/// connection (from [`Ctx::engine`]), so a handler cannot keep one: the
+/// engine owns the handler. A thread that must post outside any callback
+/// borrows one from the `Engine`, e.g. in a [`std::thread::scope`].
 #[derive(Clone, Copy)]
 pub struct EngineRef<'a> {
     pub(crate) shared: &'a Shared,
@@ -242,8 +249,16 @@ impl EngineRef<'_> {
     }
 
     /// Queues `value` to connection `id`'s [`Handler::on_posted`], run on a
-    /// worker of its port (PostQueuedCompletionStatus). Returns false if the
-    /// connection is gone or `value` is above [`MAX_POST_VALUE`].
+    /// worker of its port (the seeds' `PostQueuedCompletionStatus`).
+    /// Returns false if the connection is gone or `value` is above
+    /// [`MAX_POST_VALUE`].
+    ///
+    /// It does not lock the target connection, only the port's connection
+    /// table for a look-up, so it is safe from any callback and any thread:
+    /// the way for one connection's callback to hand work to another.
+    /// True means queued, not delivered: if the connection starts closing
+    /// first, the value is dropped (see [`Handler::on_posted`]). A [`ConnId`]
+    /// never names a later connection, so a value never reaches the wrong one.
     pub fn post(&self, id: ConnId, value: u64) -> bool {
         if value > MAX_POST_VALUE
             || id.port() >= self.shared.ports.len()
@@ -255,22 +270,27 @@ impl EngineRef<'_> {
         true
     }
 
-    /// Queues bytes on connection `id` from any thread. Returns false if the
-    /// connection is gone or closing.
+    /// Queues bytes on connection `id`, after what its own callbacks and
+    /// earlier calls queued. Returns false if the connection is gone.
+    ///
+    /// Like [`post`](Self::post) it never locks connection `id`: the bytes
+    /// go into the connection's inbox (a leaf lock) and its worker moves
+    /// them to the send queue, so it is safe from any callback and any
+    /// thread. Bytes sent to one connection from one caller arrive in
+    /// order. A connection whose send queue is over its limit is dropped
+    /// as a slow consumer (ERROR 7), as for broadcasts.
     pub fn send(&self, id: ConnId, bytes: bytes::Bytes) -> bool {
-        self.shared.with_conn(id, |ctx| {
-            if ctx.is_closing() {
-                false
-            } else {
-                ctx.send(bytes);
-                true
-            }
-        }) == Some(true)
+        self.shared.send_to(id, bytes)
     }
 
-    /// Closes connection `id` after its queued bytes are sent.
+    /// Closes connection `id` after its queued bytes are sent. Returns false
+    /// if the connection is gone. Safe from any callback and any thread.
     pub fn close(&self, id: ConnId) -> bool {
-        self.shared.with_conn(id, |ctx| ctx.close()).is_some()
+        if id.port() >= self.shared.ports.len() || self.shared.lookup(id).is_none() {
+            return false;
+        }
+        self.shared.ports[id.port()].port.post(id.key(), CLOSE_POST);
+        true
     }
 
     /// Counts a frame sent by other means than `Ctx::send_frame` (e.g. a
@@ -286,7 +306,8 @@ impl EngineRef<'_> {
 }
 
 impl Engine {
-    /// Starts an engine: creates the ports and their worker threads.
+    /// Starts an engine: creates the ports and their worker threads. One
+    /// `handler` serves every connection, on every worker.
     pub fn start(cfg: EngineConfig, handler: Arc<dyn Handler>) -> io::Result<Engine> {
         if cfg.ports == 0 || cfg.ports > MAX_PORTS {
             return Err(io::Error::new(
@@ -540,6 +561,21 @@ fn worker_main(shared: Arc<Shared>, p: usize) {
 }
 
 impl Shared {
+    /// Puts `bytes` in connection `id`'s inbox and wakes its worker.
+    pub(crate) fn send_to(&self, id: ConnId, bytes: bytes::Bytes) -> bool {
+        let Some(conn) = self.lookup(id) else {
+            return false;
+        };
+        conn.inbox
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(bytes);
+        if !conn.inbox_pending.swap(true, Ordering::AcqRel) {
+            self.ports[id.port()].port.post(id.key(), INBOX_POST);
+        }
+        true
+    }
+
     /// Puts one shared frame in every connection's inbox and wakes each
     /// recipient's worker. Safe from inside any callback: inbox locks are
     /// leaves. Returns the number of recipients.
@@ -709,23 +745,6 @@ impl Shared {
         if conns.get(id.slot()).is_some_and(|s| s.conn.id == id) {
             conns.remove(id.slot());
         }
-    }
-
-    /// Runs `f` on connection `id` under its lock from any thread, then
-    /// carries the connection forward.
-    pub(crate) fn with_conn<R>(&self, id: ConnId, f: impl FnOnce(&mut Ctx<'_>) -> R) -> Option<R> {
-        let conn = self.lookup(id)?;
-        let mut st = conn.st.lock().unwrap_or_else(|e| e.into_inner());
-        if st.finalized {
-            return None;
-        }
-        let r = f(&mut Ctx {
-            conn: &conn,
-            st: &mut st,
-            shared: self,
-        });
-        conn::progress(self, &conn, &mut st);
-        Some(r)
     }
 
     fn close_all(&self, mode: CloseMode) {
@@ -1024,6 +1043,12 @@ impl Shared {
                 }
             }
             Outcome::Posted(INBOX_POST) => {} // `progress` drains the inbox
+            Outcome::Posted(CLOSE_POST) => st.close(
+                self,
+                CloseReason::Local,
+                CloseMode::Flush { linger: true },
+                None,
+            ),
             Outcome::Posted(v) => {
                 if !st.is_closing() {
                     let h = self.handler.clone();

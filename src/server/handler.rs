@@ -4,6 +4,25 @@
 //! A handler is called on a worker thread with the connection locked, so
 //! callbacks for one connection never run at the same time and arrive in
 //! order. Callbacks must not block: the worker is the port's.
+//!
+//! # Writing a service
+//!
+//! One handler value serves every connection of an engine, on every
+//! worker: state that belongs to one connection goes in the connection
+//! ([`Ctx::set_data`]), state shared between connections goes in the
+//! handler behind a lock of its own.
+//!
+//! A callback acts on *its* connection through its [`Ctx`]. To reach
+//! *another* connection, append what it should get to a queue in the
+//! handler and [`EngineRef::post`] it a wake-up: its
+//! [`on_posted`](Handler::on_posted) then runs on a worker of its own
+//! port, with only that connection locked. Do not call
+//! [`EngineRef::send`] or [`EngineRef::close`] from a callback: they lock
+//! the target connection while the callback holds its own, which deadlocks
+//! when two callbacks do it to each other (or one does it to itself).
+//!
+//! `examples/chat.rs` is a complete service written this way: per-connection
+//! state, mailboxes woken by `post`, a timer per connection.
 
 use std::any::Any;
 use std::fmt;
@@ -19,10 +38,21 @@ use crate::server::engine::Shared;
 use crate::server::stats::CloseReason;
 use crate::server::{ConnId, EngineRef};
 
+/// The largest value [`Ctx::set_timer`] takes; the values above are the
+/// engine's own timers.
+pub const MAX_TIMER_VALUE: u64 = u64::MAX - 17;
+
 /// Callbacks of a service, as HP-Socket users write them. Every method has
 /// a default that does nothing, so a handler implements only what it uses.
+///
+/// For one connection: `on_open` comes first; then `on_frame`/`on_data`,
+/// `on_posted` and `on_timer`, one at a time, with the connection locked;
+/// once the connection is closing (by either side) none of those runs
+/// again; `on_close` comes last, exactly once. A connection refused at the
+/// connection limit gets `on_close` without `on_open`.
 pub trait Handler: Send + Sync + 'static {
-    /// A connection was accepted (server) or connected (client).
+    /// A connection was accepted (server) or connected (client). The place
+    /// to attach per-connection data and arm timers.
     fn on_open(&self, ctx: &mut Ctx<'_>) {
         let _ = ctx;
     }
@@ -34,18 +64,38 @@ pub trait Handler: Send + Sync + 'static {
     fn on_data(&self, ctx: &mut Ctx<'_>, data: &[u8]) {
         let _ = (ctx, data);
     }
-    /// A value posted to this connection with [`EngineRef::post`].
+    /// A value posted to this connection with [`EngineRef::post`], run on
+    /// a worker of this connection's port.
+    ///
+    /// Not called if the connection started closing (or was gone) before
+    /// the value was dequeued: the value is then dropped, so anything the
+    /// value refers to must be cleaned up in [`on_close`](Self::on_close).
+    /// With one worker per port, values run in the order posted; when
+    /// several workers share a port, two values may run in either order, so
+    /// carry ordered data in a queue of your own and use the value as a
+    /// wake-up.
     fn on_posted(&self, ctx: &mut Ctx<'_>, value: u64) {
         let _ = (ctx, value);
     }
-    /// A timer set with [`Ctx::set_timer`] fired.
+    /// A timer set with [`Ctx::set_timer`] fired, with the value it was
+    /// set with. Timers fire once; set another to repeat. Not called once
+    /// the connection is closing.
     fn on_timer(&self, ctx: &mut Ctx<'_>, value: u64) {
         let _ = (ctx, value);
     }
     /// The connection is gone; called exactly once per opened or attempted
-    /// connection. `data` is what was set with [`Ctx::set_data`].
-    fn on_close(&self, info: &CloseInfo, data: Option<Box<dyn Any + Send>>) {
-        let _ = (info, data);
+    /// connection. `data` is what was set with [`Ctx::set_data`] (`None`
+    /// if nothing was, e.g. when `on_open` never ran).
+    ///
+    /// By now the connection is out of the table (a [`EngineRef::post`] to
+    /// it returns false) and its timers are cancelled. This runs with the
+    /// connection still locked, on whichever thread finished it: a worker,
+    /// or the thread calling
+    /// [`Engine::shutdown`](crate::server::Engine::shutdown). `engine` lets
+    /// it tell other connections ([`EngineRef::post`], [`EngineRef::send`]),
+    /// which never lock them, so this is safe.
+    fn on_close(&self, engine: EngineRef<'_>, info: &CloseInfo, data: Option<Box<dyn Any + Send>>) {
+        let _ = (engine, info, data);
     }
 }
 
@@ -96,7 +146,9 @@ impl Ctx<'_> {
     }
 
     /// Queues bytes to send, after everything queued before. Sent when the
-    /// callback returns, gathered with other queued buffers.
+    /// callback returns, gathered with other queued buffers. `Bytes` is
+    /// reference-counted: the same buffer may be queued on many connections
+    /// without a copy.
     pub fn send(&mut self, bytes: Bytes) {
         self.st.enqueue(self.shared, bytes);
     }
@@ -114,8 +166,10 @@ impl Ctx<'_> {
         self.st.enqueue_file(file, offset, len);
     }
 
-    /// Sends an ERROR frame; a fatal code also closes the connection once
-    /// the error has been sent.
+    /// Sends an ERROR frame; a fatal code (see
+    /// [`frame::code::is_fatal`]) also closes the connection once the error
+    /// has been sent. Other codes, including a service's own, leave the
+    /// connection open.
     pub fn send_error(&mut self, code: u32, message: &str) {
         self.shared.stats.error_sent(code);
         self.send_frame(frame::error_frame(code, message));
@@ -142,7 +196,9 @@ impl Ctx<'_> {
         );
     }
 
-    /// Closes the connection now, dropping what is queued.
+    /// Closes the connection now, dropping what is queued. The way to drop
+    /// a peer that does not read: [`close`](Self::close) would wait for it
+    /// to take what is queued.
     pub fn abort(&mut self) {
         self.st
             .close(self.shared, CloseReason::Local, CloseMode::Abort, None);
@@ -153,7 +209,11 @@ impl Ctx<'_> {
         self.st.is_closing()
     }
 
-    /// Bytes queued and not yet acknowledged by the kernel.
+    /// Bytes queued and not yet acknowledged by the kernel. The engine stops
+    /// reading a connection whose queue passes
+    /// [`EngineConfig::max_send_queue`](crate::server::EngineConfig::max_send_queue),
+    /// but nothing limits what *other* connections queue on it: a service
+    /// that fans out should check this and drop peers that fall behind.
     pub fn queued_bytes(&self) -> usize {
         self.st.queued
     }
@@ -171,12 +231,26 @@ impl Ctx<'_> {
         self.shared.broadcast(frame.into_wire())
     }
 
-    /// Calls [`Handler::on_timer`] with `value` after `after`.
+    /// Calls [`Handler::on_timer`] with `value` after `after`, once.
+    ///
+    /// A timer costs one entry in its port's timer queue until it fires or
+    /// the connection closes (which cancels it); there is no handle to
+    /// cancel it earlier, so a handler that re-arms a timer must recognise
+    /// and ignore stale ones itself (e.g. by a generation in `value`).
+    /// Values from `u64::MAX - 16` up are reserved for the engine's own
+    /// timers and must not be used.
     pub fn set_timer(&mut self, after: Duration, value: u64) -> io::Result<()> {
+        if value > MAX_TIMER_VALUE {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("timer value {value} is reserved for the engine (max {MAX_TIMER_VALUE})"),
+            ));
+        }
         self.st.set_timer(self.conn, self.shared, after, value)
     }
 
-    /// Attaches a value to the connection (the seeds' per-handle context).
+    /// Attaches a value to the connection (the seeds' per-handle context),
+    /// replacing any earlier one. It comes back to [`Handler::on_close`].
     pub fn set_data<T: Any + Send>(&mut self, data: T) {
         self.st.user = Some(Box::new(data));
     }
@@ -186,7 +260,10 @@ impl Ctx<'_> {
         self.st.user.as_mut()?.downcast_mut::<T>()
     }
 
-    /// The engine this connection belongs to.
+    /// The engine this connection belongs to: for [`EngineRef::post`] to
+    /// other connections and for stats. Not for [`EngineRef::send`] or
+    /// [`EngineRef::close`], which would lock a second connection from
+    /// inside this one's callback (see the module docs).
     pub fn engine(&self) -> EngineRef<'_> {
         EngineRef {
             shared: self.shared,

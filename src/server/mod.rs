@@ -17,7 +17,7 @@ use std::time::Duration;
 pub use engine::{
     DEFAULT_FILE_COPY_BELOW, Engine, EngineConfig, EngineRef, MAX_POST_VALUE, Protocol,
 };
-pub use handler::{CloseInfo, Ctx, Handler};
+pub use handler::{CloseInfo, Ctx, Handler, MAX_TIMER_VALUE};
 pub use services::Services;
 pub use stats::{CloseReason, Stats, StatsSnapshot};
 

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cport::frame::{Frame, HEADER_LEN, parse_header};
-use cport::server::{CloseInfo, CloseReason, Ctx, Engine, EngineConfig, Handler};
+use cport::server::{CloseInfo, CloseReason, Ctx, Engine, EngineConfig, EngineRef, Handler};
 
 /// Counts frames per connection; answers each with the running count; a
 /// timer sends "tick"; a posted value is sent back as text.
@@ -41,7 +41,12 @@ impl Handler for Counter {
     fn on_posted(&self, ctx: &mut Ctx<'_>, value: u64) {
         ctx.send_frame(Frame::new(102, value.to_string().as_bytes()));
     }
-    fn on_close(&self, info: &CloseInfo, data: Option<Box<dyn Any + Send>>) {
+    fn on_close(
+        &self,
+        _engine: EngineRef<'_>,
+        info: &CloseInfo,
+        data: Option<Box<dyn Any + Send>>,
+    ) {
         let n = data
             .and_then(|d| d.downcast::<u64>().ok())
             .map_or(0, |b| *b);
@@ -113,4 +118,101 @@ fn user_handler_shared_model() {
 #[test]
 fn user_handler_per_core_model() {
     run_model(2, 2);
+}
+
+/// Pairs connections: each frame a connection sends is relayed to its
+/// partner with `EngineRef::send` from inside `on_frame`, and a closing
+/// connection tells its partner from `on_close`. Both directions at once
+/// would deadlock if `send` locked the partner.
+#[derive(Default)]
+struct Relay {
+    conns: Mutex<Vec<cport::server::ConnId>>,
+}
+
+impl Relay {
+    fn partner(&self, me: cport::server::ConnId) -> Option<cport::server::ConnId> {
+        let c = self.conns.lock().unwrap();
+        let i = c.iter().position(|&x| x == me)?;
+        c.get(i ^ 1).copied()
+    }
+}
+
+impl Handler for Relay {
+    fn on_open(&self, ctx: &mut Ctx<'_>) {
+        self.conns.lock().unwrap().push(ctx.id());
+        let reserved = ctx.set_timer(Duration::from_secs(1), u64::MAX);
+        assert!(reserved.is_err(), "a reserved timer value must be refused");
+    }
+    fn on_frame(&self, ctx: &mut Ctx<'_>, frame: Frame) {
+        if let Some(p) = self.partner(ctx.id()) {
+            assert!(ctx.engine().send(p, frame.into_wire()));
+        }
+    }
+    fn on_close(
+        &self,
+        engine: EngineRef<'_>,
+        info: &CloseInfo,
+        _data: Option<Box<dyn Any + Send>>,
+    ) {
+        if let Some(p) = self.partner(info.id) {
+            engine.send(p, Frame::new(200, b"partner left").into_wire());
+            engine.close(p);
+        }
+    }
+}
+
+#[test]
+fn callbacks_send_to_each_other_without_deadlock() {
+    let handler = Arc::new(Relay::default());
+    let cfg = EngineConfig {
+        ports: 1,
+        workers: 2,
+        ..EngineConfig::default()
+    };
+    let mut engine = Engine::start(cfg, handler.clone()).unwrap();
+    let addr = engine.listen("127.0.0.1:0".parse().unwrap(), 128).unwrap();
+    let mut a = TcpStream::connect(addr).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while handler.conns.lock().unwrap().len() < 1 {
+        assert!(std::time::Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let mut b = TcpStream::connect(addr).unwrap();
+    while handler.conns.lock().unwrap().len() < 2 {
+        assert!(std::time::Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    for s in [&a, &b] {
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    }
+    // Both write 2,000 frames at once, so both relays run concurrently.
+    let n = 2000;
+    let (mut a2, mut b2) = (a.try_clone().unwrap(), b.try_clone().unwrap());
+    let wa = std::thread::spawn(move || {
+        for i in 0..n {
+            a2.write_all(Frame::new(1, format!("a{i}").as_bytes()).wire())
+                .unwrap();
+        }
+    });
+    let wb = std::thread::spawn(move || {
+        for i in 0..n {
+            b2.write_all(Frame::new(1, format!("b{i}").as_bytes()).wire())
+                .unwrap();
+        }
+    });
+    for i in 0..n {
+        assert_eq!(read_frame(&mut b), (1, format!("a{i}").into_bytes()));
+        assert_eq!(read_frame(&mut a), (1, format!("b{i}").into_bytes()));
+    }
+    wa.join().unwrap();
+    wb.join().unwrap();
+    // Closing one tells the other from `on_close`, which then closes it.
+    drop(a);
+    assert_eq!(read_frame(&mut b), (200, b"partner left".to_vec()));
+    let mut rest = Vec::new();
+    b.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty());
+    let summary = engine.shutdown(Duration::from_secs(1));
+    assert_eq!(summary.outstanding_ops, 0);
+    assert_eq!(summary.outstanding_bufs, 0);
 }
