@@ -173,7 +173,7 @@ fn callbacks_send_to_each_other_without_deadlock() {
     let addr = engine.listen("127.0.0.1:0".parse().unwrap(), 128).unwrap();
     let mut a = TcpStream::connect(addr).unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while handler.conns.lock().unwrap().len() < 1 {
+    while handler.conns.lock().unwrap().is_empty() {
         assert!(std::time::Instant::now() < deadline);
         std::thread::sleep(Duration::from_millis(2));
     }
