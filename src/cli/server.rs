@@ -21,6 +21,14 @@ pub(crate) enum ProtocolArg {
     Raw,
 }
 
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub(crate) enum OnOff {
+    /// Enabled.
+    On,
+    /// Disabled.
+    Off,
+}
+
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub(crate) enum FileSendArg {
     /// Copy small files, splice large ones.
@@ -75,6 +83,11 @@ pub(crate) struct ServerArgs {
     /// How FILE sends: zero-copy (splice), copy (read + send), or auto (copy below 1 MiB).
     #[arg(long, value_enum, default_value_t = FileSendArg::Auto)]
     file_send: FileSendArg,
+    /// Hold accepted connections in io_uring's registered-file table (direct
+    /// descriptors), so the server holds more connections than its
+    /// descriptor limit: up to that limit per port, plus ordinary ones.
+    #[arg(long, value_enum, default_value_t = OnOff::On)]
+    direct_sockets: OnOff,
     /// Cap on bytes queued for sending over all connections.
     #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "1GiB")]
     max_queued_total: u64,
@@ -130,6 +143,9 @@ pub(crate) fn run(a: ServerArgs) -> anyhow::Result<i32> {
     cfg.port.backend = backend;
     cfg.port.recv_buf_size = a.recv_buf.clamp(512, 1 << 20) as u32;
     cfg.port.recv_bufs = a.recv_bufs;
+    if a.direct_sockets == OnOff::On {
+        cfg.port.direct_files = fd_limit.min(u32::MAX as u64) as u32;
+    }
     let services = match &a.files {
         Some(dir) => Services::with_files(dir).with_context(|| {
             format!(
@@ -141,6 +157,11 @@ pub(crate) fn run(a: ServerArgs) -> anyhow::Result<i32> {
     };
     let mut engine = Engine::start(cfg.clone(), Arc::new(services))
         .with_context(|| super::start_failure(backend))?;
+    let max_conns = match a.max_conns {
+        Some(n) => n,
+        None => default_max_conns(fd_limit) + engine.direct_capacity(),
+    };
+    engine.set_max_conns(max_conns);
     for addr in &a.listen {
         let bound = engine.listen(*addr, 4096).with_context(|| {
             format!(
@@ -148,12 +169,13 @@ pub(crate) fn run(a: ServerArgs) -> anyhow::Result<i32> {
             )
         })?;
         tracing::info!(
-            "listening on {bound} ({}, backend {}, {} port(s) x {} worker(s), max {} connections)",
+            "listening on {bound} ({}, backend {}, {} port(s) x {} worker(s), max {} connections, {} in registered-file slots)",
             cfg.protocol.name(),
             engine.backend(),
             ports,
             workers,
-            cfg.max_conns
+            max_conns,
+            engine.direct_capacity()
         );
     }
 

@@ -37,6 +37,69 @@ impl OpId {
     }
 }
 
+/// A connected socket as operations see it: an ordinary descriptor, or a
+/// slot in the port's registered-file table (an io_uring *direct
+/// descriptor*), which holds the socket without using a process descriptor,
+/// so one process can hold more connections than its descriptor limit.
+#[derive(Clone)]
+pub enum Sock {
+    /// An ordinary descriptor.
+    Os(Arc<Socket>),
+    /// A registered-file slot; the socket closes when the last clone of
+    /// the `Arc` (the connection's and its operations') is dropped.
+    Direct(Arc<DirectSocket>),
+}
+
+impl fmt::Debug for Sock {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Sock::Os(s) => write!(f, "Sock::Os({s:?})"),
+            Sock::Direct(d) => write!(f, "Sock::Direct({})", d.slot),
+        }
+    }
+}
+
+impl Sock {
+    /// The ordinary socket, if this is one.
+    pub fn os(&self) -> Option<&Arc<Socket>> {
+        match self {
+            Sock::Os(s) => Some(s),
+            Sock::Direct(_) => None,
+        }
+    }
+}
+
+/// A socket held in a port's registered-file table.
+pub struct DirectSocket {
+    pub(crate) slot: u32,
+    pub(crate) table: Arc<dyn DirectTable>,
+}
+
+impl DirectSocket {
+    /// The slot in the port's registered-file table.
+    pub fn slot(&self) -> u32 {
+        self.slot
+    }
+}
+
+impl fmt::Debug for DirectSocket {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "DirectSocket({})", self.slot)
+    }
+}
+
+impl Drop for DirectSocket {
+    fn drop(&mut self) {
+        self.table.release(self.slot);
+    }
+}
+
+/// How a backend takes a registered-file slot back (unregistering the
+/// socket, which closes it once no operation uses it).
+pub(crate) trait DirectTable: Send + Sync {
+    fn release(&self, slot: u32);
+}
+
 /// Most buffers one gathered send may carry (one `sendmsg`/`WSASend`).
 pub const MAX_SEND_BUFS: usize = 64;
 
@@ -55,14 +118,14 @@ pub enum Op {
     /// arrives, so an idle connection pins no receive buffer.
     Recv {
         /// The connected socket.
-        socket: Arc<Socket>,
+        socket: Sock,
     },
     /// Send several buffers in one gathered send (`sendmsg` with an iovec
     /// per buffer). The completion may report fewer bytes than queued; the
     /// caller resumes with the rest.
     Send {
         /// The connected socket.
-        socket: Arc<Socket>,
+        socket: Sock,
         /// Buffers sent in order; at most [`MAX_SEND_BUFS`].
         bufs: Vec<Bytes>,
     },
@@ -81,7 +144,7 @@ pub enum Op {
     /// resumes from there.
     SendFile {
         /// The connected socket.
-        socket: Arc<Socket>,
+        socket: Sock,
         /// The file to send from.
         file: Arc<std::fs::File>,
         /// Where in the file to start.
@@ -90,6 +153,15 @@ pub enum Op {
         len: usize,
         /// Read and send instead of zero-copy.
         copy: bool,
+    },
+    /// Shut down one or both directions of a connected socket (on a direct
+    /// socket this is the only way; the op keeps the socket, so its slot
+    /// cannot be reused before the shutdown ran).
+    Shutdown {
+        /// The connected socket.
+        socket: Sock,
+        /// Which directions.
+        how: std::net::Shutdown,
     },
     /// Close a socket asynchronously. The port takes the only reference.
     Close {
@@ -118,6 +190,7 @@ impl Op {
             Op::Send { .. } => OpKind::Send,
             Op::SendFile { .. } => OpKind::SendFile,
             Op::Connect { .. } => OpKind::Connect,
+            Op::Shutdown { .. } => OpKind::Shutdown,
             Op::Close { .. } => OpKind::Close,
             Op::Timeout { .. } => OpKind::Timeout,
         }
@@ -137,6 +210,8 @@ pub enum OpKind {
     SendFile,
     /// [`Op::Connect`].
     Connect,
+    /// [`Op::Shutdown`].
+    Shutdown,
     /// [`Op::Close`].
     Close,
     /// [`Op::Timeout`].
@@ -152,6 +227,7 @@ impl OpKind {
             OpKind::Send => "send",
             OpKind::SendFile => "send_file",
             OpKind::Connect => "connect",
+            OpKind::Shutdown => "shutdown",
             OpKind::Close => "close",
             OpKind::Timeout => "timeout",
         }
@@ -193,6 +269,8 @@ pub enum Outcome {
         /// The socket the operation owned.
         socket: Arc<Socket>,
     },
+    /// A shutdown finished.
+    Shut(io::Result<()>),
     /// A close finished.
     Closed(io::Result<()>),
     /// A timer fired (`Ok`) or was cancelled (`Err` with `ErrorKind::Interrupted`).
@@ -220,6 +298,7 @@ impl fmt::Debug for Outcome {
                 .finish(),
             Outcome::SentFile { result, .. } => f.debug_tuple("SentFile").field(result).finish(),
             Outcome::Connected { result, .. } => f.debug_tuple("Connected").field(result).finish(),
+            Outcome::Shut(r) => f.debug_tuple("Shut").field(r).finish(),
             Outcome::Closed(r) => f.debug_tuple("Closed").field(r).finish(),
             Outcome::Timer(r) => f.debug_tuple("Timer").field(r).finish(),
             Outcome::Posted(v) => f.debug_tuple("Posted").field(v).finish(),

@@ -103,6 +103,10 @@ pub struct PortConfig {
     /// `COOP_TASKRUN`), which would stall completions of operations
     /// submitted by a worker sleeping outside the kernel.
     pub single_worker: bool,
+    /// Slots in a registered-file table for sockets held without a process
+    /// descriptor (io_uring direct descriptors; at most the descriptor
+    /// limit; 0: none). Ignored by backends without one.
+    pub direct_files: u32,
 }
 
 impl Default for PortConfig {
@@ -114,6 +118,7 @@ impl Default for PortConfig {
             recv_bufs: 4096,
             recv_buf_size: 4096,
             single_worker: false,
+            direct_files: 0,
         }
     }
 }
@@ -183,6 +188,19 @@ impl CompletionPort {
     /// The concurrency limit.
     pub fn concurrency(&self) -> usize {
         self.inner.concurrency
+    }
+
+    /// Turns an accepted or connected socket into what operations use: on
+    /// a port with a registered-file table with room, the socket moves into
+    /// the table and its process descriptor is closed; otherwise it stays an
+    /// ordinary socket.
+    pub fn make_direct(&self, socket: Socket) -> crate::op::Sock {
+        self.inner.sys.make_direct(socket)
+    }
+
+    /// Slots in the port's registered-file table (0 without one).
+    pub fn direct_capacity(&self) -> usize {
+        self.inner.sys.direct_capacity()
     }
 
     /// Makes `socket` usable with this port. Each operation carries its own
@@ -377,10 +395,19 @@ impl Worker {
         let inner = &*self.port.inner;
         let max = max.max(1);
         let deadline = timeout.map(|t| Instant::now() + t);
+        // Hand over what this worker queued while it ran, whatever happens
+        // next: a worker that takes its next completions straight from the
+        // ready queue would otherwise leave them behind a leader asleep in
+        // the kernel.
+        let flushed = inner.sys.flush();
         let mut st = inner.lock();
         if self.running {
             self.running = false;
             st.running -= 1;
+        }
+        if let Err(e) = flushed {
+            inner.notify(&mut st);
+            return Err(e);
         }
         loop {
             if !st.ready.is_empty() && st.running < inner.concurrency {

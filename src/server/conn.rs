@@ -21,10 +21,9 @@ use std::time::Duration;
 use std::time::Instant;
 
 use bytes::Bytes;
-use socket2::Socket;
 
 use crate::frame::{self, Decoder};
-use crate::op::{MAX_SEND_BUFS, Op, OpId};
+use crate::op::{MAX_SEND_BUFS, Op, OpId, Sock};
 use crate::server::engine::{Protocol, Shared, TimerKey};
 use crate::server::handler::{CloseInfo, Ctx};
 use crate::server::stats::CloseReason;
@@ -90,7 +89,7 @@ pub(crate) enum CloseMode {
 /// A connection: identity, socket and locked state.
 pub(crate) struct Conn {
     pub(crate) id: ConnId,
-    pub(crate) socket: Arc<Socket>,
+    pub(crate) socket: Sock,
     pub(crate) peer: Option<SocketAddr>,
     pub(crate) local: Option<SocketAddr>,
     /// Accepted by a listener (false: connected by a client).
@@ -373,7 +372,7 @@ pub(crate) fn progress(shared: &Shared, conn: &Conn, st: &mut ConnState) {
         if st.draining && st.sendq.is_empty() && st.send_op.is_none() {
             st.draining = false;
             if st.linger && !st.read_eof && !st.shut {
-                let _ = conn.socket.shutdown(Shutdown::Write);
+                shutdown_sock(shared, conn, Shutdown::Write);
                 if st
                     .set_timer(conn, shared, shared.linger, LINGER_TIMER)
                     .is_err()
@@ -386,7 +385,7 @@ pub(crate) fn progress(shared: &Shared, conn: &Conn, st: &mut ConnState) {
         }
         if !st.draining && !st.linger && !st.shut {
             st.shut = true;
-            let _ = conn.socket.shutdown(Shutdown::Both);
+            shutdown_sock(shared, conn, Shutdown::Both);
             if let Some(op) = st.connect_op {
                 let _ = port.cancel(op);
             }
@@ -428,9 +427,29 @@ pub(crate) fn progress(shared: &Shared, conn: &Conn, st: &mut ConnState) {
     {
         if !st.shut {
             st.shut = true;
-            let _ = conn.socket.shutdown(Shutdown::Both);
+            shutdown_sock(shared, conn, Shutdown::Both);
         }
         finalize(shared, conn, st);
+    }
+}
+
+/// Shuts the connection's socket: a system call on a descriptor, an
+/// operation on a registered-file slot (which keeps the slot from being
+/// reused until it ran).
+fn shutdown_sock(shared: &Shared, conn: &Conn, how: Shutdown) {
+    match &conn.socket {
+        Sock::Os(s) => {
+            let _ = s.shutdown(how);
+        }
+        Sock::Direct(_) => {
+            let op = Op::Shutdown {
+                socket: conn.socket.clone(),
+                how,
+            };
+            if let Err(e) = shared.port_of(conn.id).submit(conn.id.key(), op) {
+                tracing::warn!(conn = %conn.id, "cannot shut down a registered socket: {e}");
+            }
+        }
     }
 }
 
@@ -558,6 +577,13 @@ fn deliver_inbox(shared: &Shared, st: &mut ConnState, frame: Bytes) {
     let over_total = st.queued > BACKLOG_WHEN_OVER_CAP
         && shared.queued_total.load(Ordering::Relaxed) > shared.max_queued_total;
     if over_own || over_total {
+        tracing::info!(
+            queued = st.queued,
+            frame = frame.len(),
+            limit = shared.max_send_queue,
+            queued_total = shared.queued_total.load(Ordering::Relaxed),
+            "slow consumer dropped"
+        );
         shared.stats.error_sent(frame::code::SLOW_CONSUMER);
         st.abort_queue(shared);
         st.enqueue(

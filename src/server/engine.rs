@@ -176,7 +176,7 @@ pub(crate) struct Shared {
     pub(crate) protocol: Protocol,
     pub(crate) max_frame: u32,
     pub(crate) max_send_queue: usize,
-    pub(crate) max_conns: usize,
+    pub(crate) max_conns: AtomicUsize,
     pub(crate) linger: Duration,
     pub(crate) flush_timeout: Duration,
     pub(crate) idle_timeout: Option<Duration>,
@@ -344,7 +344,7 @@ impl Engine {
             protocol: cfg.protocol,
             max_frame: cfg.max_frame,
             max_send_queue: cfg.max_send_queue,
-            max_conns: cfg.max_conns,
+            max_conns: AtomicUsize::new(cfg.max_conns),
             linger: cfg.linger,
             flush_timeout: cfg.flush_timeout,
             idle_timeout: cfg.idle_timeout,
@@ -384,6 +384,21 @@ impl Engine {
         EngineRef {
             shared: &self.shared,
         }
+    }
+
+    /// Registered-file slots over all ports: connections the engine can
+    /// hold without process descriptors.
+    pub fn direct_capacity(&self) -> usize {
+        self.shared
+            .ports
+            .iter()
+            .map(|p| p.port.direct_capacity())
+            .sum()
+    }
+
+    /// Changes the connection limit.
+    pub fn set_max_conns(&self, n: usize) {
+        self.shared.max_conns.store(n, Ordering::Relaxed);
     }
 
     /// Name of the backend running the ports.
@@ -796,13 +811,20 @@ impl Shared {
         self.ports[p].port.associate(&socket)?;
         let peer = socket.peer_addr().ok().and_then(|a| a.as_socket());
         let local = socket.local_addr().ok().and_then(|a| a.as_socket());
+        // An accepted socket moves into the port's registered-file table
+        // when there is one, so it holds no process descriptor.
+        let socket = if accepted {
+            self.ports[p].port.make_direct(socket)
+        } else {
+            crate::op::Sock::Os(Arc::new(socket))
+        };
         let generation = self.ports[p].next_gen.fetch_add(1, Ordering::Relaxed) & GEN_MASK;
         let mut conns = self.lock_conns(p);
         let entry = conns.vacant_entry();
         let id = ConnId::new(p, generation, entry.key());
         let conn = Arc::new(Conn {
             id,
-            socket: Arc::new(socket),
+            socket,
             peer,
             local,
             accepted,
@@ -831,7 +853,12 @@ impl Shared {
         match self.ports[p].port.submit(
             conn.id.key(),
             Op::Connect {
-                socket: conn.socket.clone(),
+                socket: match &conn.socket {
+                    crate::op::Sock::Os(s) => s.clone(),
+                    crate::op::Sock::Direct(_) => {
+                        unreachable!("connecting sockets are not registered")
+                    }
+                },
                 addr,
             },
         ) {
@@ -971,10 +998,19 @@ impl Shared {
         }
     }
 
-    fn accepted(&self, p: usize, socket: Socket) {
+    fn accepted(&self, accepting_port: usize, socket: Socket) {
         if self.stopping.load(Ordering::SeqCst) {
             return; // dropping the socket closes it
         }
+        // Every port arms an accept on the same listener, but one ring tends
+        // to win nearly every connection. Nothing ties a socket to the ring
+        // that accepted it, so spread new connections over the ports: the
+        // load (and the registered-file slots) is shared evenly.
+        let p = if self.ports.len() > 1 {
+            self.next_port.fetch_add(1, Ordering::Relaxed) % self.ports.len()
+        } else {
+            accepting_port
+        };
         let conn = match self.insert_conn(p, socket, true, false) {
             Ok(c) => c,
             Err(e) => {
@@ -986,7 +1022,7 @@ impl Shared {
         let mut st = conn.st.lock().unwrap_or_else(|e| e.into_inner());
         st.was_open = true;
         tracing::debug!(conn = %conn.id, peer = ?conn.peer, "connect");
-        let over = self.stats.open() > self.max_conns as u64;
+        let over = self.stats.open() > self.max_conns.load(Ordering::Relaxed) as u64;
         let mut ctx = Ctx {
             conn: &conn,
             st: &mut st,
@@ -1062,7 +1098,10 @@ impl Shared {
                     );
                 }
             }
-            Outcome::Accepted { .. } | Outcome::Closed(_) | Outcome::Timer(_) => {}
+            Outcome::Accepted { .. }
+            | Outcome::Closed(_)
+            | Outcome::Timer(_)
+            | Outcome::Shut(_) => {}
         }
         conn::progress(self, &conn, &mut st);
     }

@@ -9,7 +9,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use cport::op::{Op, Outcome};
+use cport::op::{Op, Outcome, Sock};
 use cport::port::{BackendKind, CompletionPort, PortConfig};
 use socket2::Socket;
 
@@ -290,7 +290,7 @@ fn recv_hands_back_a_pooled_buffer_and_eof() {
     p.submit(
         1,
         Op::Recv {
-            socket: server.clone(),
+            socket: Sock::Os(server.clone()),
         },
     )
     .unwrap();
@@ -309,7 +309,7 @@ fn recv_hands_back_a_pooled_buffer_and_eof() {
     p.submit(
         1,
         Op::Recv {
-            socket: server.clone(),
+            socket: Sock::Os(server.clone()),
         },
     )
     .unwrap();
@@ -333,7 +333,7 @@ fn gathered_send_and_partial_progress() {
     p.submit(
         3,
         Op::Send {
-            socket: server,
+            socket: Sock::Os(server),
             bufs,
         },
     )
@@ -386,14 +386,14 @@ fn closing_with_operations_in_flight_thousands_of_times() {
         p.submit(
             i,
             Op::Recv {
-                socket: server.clone(),
+                socket: Sock::Os(server.clone()),
             },
         )
         .unwrap();
         p.submit(
             i,
             Op::Send {
-                socket: server.clone(),
+                socket: Sock::Os(server.clone()),
                 bufs: vec![big.clone()],
             },
         )
@@ -432,7 +432,7 @@ fn cancel_ends_a_waiting_receive_without_taking_a_buffer() {
         .submit(
             4,
             Op::Recv {
-                socket: server.clone(),
+                socket: Sock::Os(server.clone()),
             },
         )
         .unwrap();
@@ -452,7 +452,13 @@ fn cancel_ends_a_waiting_receive_without_taking_a_buffer() {
     // Exactly once: nothing else comes for it.
     assert!(w.get(Some(Duration::from_millis(100))).unwrap().is_none());
     // The socket is still usable.
-    p.submit(4, Op::Recv { socket: server }).unwrap();
+    p.submit(
+        4,
+        Op::Recv {
+            socket: Sock::Os(server),
+        },
+    )
+    .unwrap();
     client.write_all(b"after").unwrap();
     let c = w.get(Some(Duration::from_secs(30))).unwrap().unwrap();
     let Outcome::Received(Ok(buf)) = c.outcome else {
@@ -475,7 +481,13 @@ fn an_empty_pool_fails_a_readable_receive_with_enobufs() {
     let mut held = Vec::new();
     for (i, (c, s)) in conns.iter_mut().enumerate().take(2) {
         c.write_all(b"x").unwrap();
-        p.submit(i as u64, Op::Recv { socket: s.clone() }).unwrap();
+        p.submit(
+            i as u64,
+            Op::Recv {
+                socket: Sock::Os(s.clone()),
+            },
+        )
+        .unwrap();
         let got = w.get(Some(Duration::from_secs(30))).unwrap().unwrap();
         let Outcome::Received(Ok(buf)) = got.outcome else {
             panic!("receive {i}: {:?}", got.outcome)
@@ -487,7 +499,7 @@ fn an_empty_pool_fails_a_readable_receive_with_enobufs() {
     p.submit(
         2,
         Op::Recv {
-            socket: conns[2].1.clone(),
+            socket: Sock::Os(conns[2].1.clone()),
         },
     )
     .unwrap();
@@ -500,7 +512,7 @@ fn an_empty_pool_fails_a_readable_receive_with_enobufs() {
     p.submit(
         2,
         Op::Recv {
-            socket: conns[2].1.clone(),
+            socket: Sock::Os(conns[2].1.clone()),
         },
     )
     .unwrap();
@@ -540,7 +552,7 @@ fn a_send_into_a_full_socket_waits_for_room() {
             .submit(
                 8,
                 Op::Send {
-                    socket: server.clone(),
+                    socket: Sock::Os(server.clone()),
                     bufs,
                 },
             )
@@ -651,7 +663,7 @@ fn poll_backend_allows_one_op_per_socket_side() {
         .submit(
             1,
             Op::Recv {
-                socket: server.clone(),
+                socket: Sock::Os(server.clone()),
             },
         )
         .unwrap();
@@ -659,7 +671,7 @@ fn poll_backend_allows_one_op_per_socket_side() {
         .submit(
             1,
             Op::Recv {
-                socket: server.clone(),
+                socket: Sock::Os(server.clone()),
             },
         )
         .expect_err("a second receive on one socket is refused");
@@ -679,7 +691,7 @@ fn poll_backend_allows_one_op_per_socket_side() {
         .submit(
             1,
             Op::Send {
-                socket: server.clone(),
+                socket: Sock::Os(server.clone()),
                 bufs: vec![Bytes::from_static(b"x")],
             },
         )

@@ -129,6 +129,20 @@ impl Backend {
         delegate!(self, b => b.name())
     }
 
+    pub(crate) fn make_direct(&self, socket: Socket) -> crate::op::Sock {
+        match self {
+            Backend::Uring(b) => b.make_direct(socket),
+            Backend::Poll(_) => crate::op::Sock::Os(std::sync::Arc::new(socket)),
+        }
+    }
+
+    pub(crate) fn direct_capacity(&self) -> usize {
+        match self {
+            Backend::Uring(b) => b.direct_capacity(),
+            Backend::Poll(_) => 0,
+        }
+    }
+
     pub(crate) fn associate(&self, socket: &Socket) -> io::Result<()> {
         delegate!(self, b => b.associate(socket))
     }

@@ -92,7 +92,7 @@ use slab::Slab;
 use socket2::{SockAddr, Socket};
 
 use crate::buf::RecvBuf;
-use crate::op::{Completion, MAX_SEND_BUFS, Op, OpId, Outcome};
+use crate::op::{Completion, MAX_SEND_BUFS, Op, OpId, Outcome, Sock};
 use crate::port::PortConfig;
 
 use pool::Pool;
@@ -265,6 +265,7 @@ fn cancelled(op: Op) -> Outcome {
             result: Err(cancelled_error()),
             file,
         },
+        Op::Shutdown { .. } => Outcome::Shut(Err(cancelled_error())),
         Op::Connect { socket, .. } => Outcome::Connected {
             result: Err(cancelled_error()),
             socket,
@@ -449,9 +450,17 @@ impl Backend {
     }
 
     pub(crate) fn submit(&self, key: u64, op: Op) -> io::Result<OpId> {
+        if let Op::Recv { socket } | Op::Send { socket, .. } | Op::SendFile { socket, .. } = &op
+            && socket.os().is_none()
+        {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "the poll backend has no registered-file (direct) sockets",
+            ));
+        }
         let (side, fd) = match &op {
             Op::Accept { listener } => (Side::Read, listener.as_raw_fd()),
-            Op::Recv { socket } => (Side::Read, socket.as_raw_fd()),
+            Op::Recv { socket } => (Side::Read, sock_fd(socket)),
             Op::Send { socket, bufs } => {
                 if bufs.is_empty() || bufs.len() > MAX_SEND_BUFS {
                     return Err(io::Error::new(
@@ -459,12 +468,11 @@ impl Backend {
                         "a send carries 1 to MAX_SEND_BUFS buffers",
                     ));
                 }
-                (Side::Write, socket.as_raw_fd())
+                (Side::Write, sock_fd(socket))
             }
-            Op::Connect { socket, .. } | Op::SendFile { socket, .. } => {
-                (Side::Write, socket.as_raw_fd())
-            }
-            Op::Close { .. } | Op::Timeout { .. } => (Side::None, -1),
+            Op::SendFile { socket, .. } => (Side::Write, sock_fd(socket)),
+            Op::Connect { socket, .. } => (Side::Write, socket.as_raw_fd()),
+            Op::Close { .. } | Op::Timeout { .. } | Op::Shutdown { .. } => (Side::None, -1),
         };
         // Receives and sends pass MSG_DONTWAIT, but accept4 and connect have
         // no such flag: a listener shared by two ports must not block the
@@ -472,7 +480,10 @@ impl Backend {
         match &op {
             Op::Accept { listener: s }
             | Op::Connect { socket: s, .. }
-            | Op::SendFile { socket: s, .. } => s.set_nonblocking(true)?,
+            | Op::SendFile {
+                socket: Sock::Os(s),
+                ..
+            } => s.set_nonblocking(true)?,
             _ => {}
         }
         let mut t = self.lock();
@@ -828,25 +839,39 @@ impl Backend {
         } = task;
         let mut accepted = Vec::new();
         let hold = match &op {
-            Op::Recv { socket }
-            | Op::Send { socket, .. }
-            | Op::Connect { socket, .. }
-            | Op::SendFile { socket, .. } => Some(socket.clone()),
+            Op::Recv { socket } | Op::Send { socket, .. } | Op::SendFile { socket, .. } => {
+                socket.os().cloned()
+            }
+            Op::Connect { socket, .. } => Some(socket.clone()),
             Op::Accept { listener } => Some(listener.clone()),
+            Op::Shutdown { socket, .. } => socket.os().cloned(),
             Op::Close { .. } | Op::Timeout { .. } => None,
         };
         let attempt = match op {
-            Op::Recv { socket } => self.recv(socket),
+            Op::Recv {
+                socket: Sock::Os(socket),
+            } => self.recv(socket),
             Op::Accept { listener } => accept(listener, &mut accepted),
-            Op::Send { socket, bufs } => send(socket, bufs),
+            Op::Send {
+                socket: Sock::Os(socket),
+                bufs,
+            } => send(socket, bufs),
             Op::SendFile {
-                socket,
+                socket: Sock::Os(socket),
                 file,
                 offset,
                 len,
                 copy,
             } => send_file(socket, file, offset, len, copy),
             Op::Connect { socket, addr } => connect(socket, addr, connecting),
+            // Refused at submit: poll never holds direct sockets.
+            op @ (Op::Recv { .. } | Op::Send { .. } | Op::SendFile { .. }) => {
+                Attempt::Done(cancelled(op))
+            }
+            Op::Shutdown { socket, how } => Attempt::Done(Outcome::Shut(match socket.os() {
+                Some(s) => s.shutdown(how),
+                None => Err(io::Error::from(io::ErrorKind::Unsupported)),
+            })),
             Op::Close { socket } => {
                 let fd = socket.into_raw_fd();
                 // SAFETY: the op owned the only reference to this socket,
@@ -897,7 +922,9 @@ impl Backend {
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                         break Attempt::Again {
-                            op: Op::Recv { socket },
+                            op: Op::Recv {
+                                socket: Sock::Os(socket),
+                            },
                             connecting: false,
                         };
                     }
@@ -913,7 +940,9 @@ impl Backend {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     return Attempt::Again {
-                        op: Op::Recv { socket },
+                        op: Op::Recv {
+                            socket: Sock::Os(socket),
+                        },
                         connecting: false,
                     };
                 }
@@ -1001,7 +1030,10 @@ fn send(socket: Arc<Socket>, bufs: Vec<bytes::Bytes>) -> Attempt {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 return Attempt::Again {
-                    op: Op::Send { socket, bufs },
+                    op: Op::Send {
+                        socket: Sock::Os(socket),
+                        bufs,
+                    },
                     connecting: false,
                 };
             }
@@ -1013,6 +1045,11 @@ fn send(socket: Arc<Socket>, bufs: Vec<bytes::Bytes>) -> Attempt {
             }
         }
     }
+}
+
+/// The descriptor of an ordinary socket (direct ones are refused at submit).
+fn sock_fd(s: &Sock) -> RawFd {
+    s.os().map_or(-1, |s| s.as_raw_fd())
 }
 
 /// Most bytes one file send moves.
@@ -1061,7 +1098,7 @@ fn send_file(
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 return Attempt::Again {
                     op: Op::SendFile {
-                        socket,
+                        socket: Sock::Os(socket),
                         file,
                         offset,
                         len,

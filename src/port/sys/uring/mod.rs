@@ -25,7 +25,7 @@ use slab::Slab;
 use socket2::{SockAddr, Socket};
 
 use crate::buf::RecvBuf;
-use crate::op::{Completion, MAX_SEND_BUFS, Op, OpId, Outcome};
+use crate::op::{Completion, DirectSocket, DirectTable, MAX_SEND_BUFS, Op, OpId, Outcome, Sock};
 use crate::port::PortConfig;
 
 use bufring::BufRing;
@@ -41,6 +41,88 @@ const BGID: u16 = 0;
 const STAGE1: u64 = 1 << 31;
 /// Most bytes one file send moves (one pipe or buffer fill).
 const FILE_CHUNK: usize = 1 << 20;
+
+/// Builds an SQE on a connected socket, whether it is a descriptor or a
+/// registered-file slot (the crate's target trait is sealed, so each case
+/// is built on its own).
+macro_rules! on_sock {
+    ($sock:expr, $t:ident => $build:expr) => {
+        match $sock {
+            Sock::Os(s) => {
+                let $t = types::Fd(s.as_raw_fd());
+                $build
+            }
+            Sock::Direct(d) => {
+                let $t = types::Fixed(d.slot());
+                $build
+            }
+        }
+    };
+}
+
+/// The ring's registered-file table: slots that hold sockets without a
+/// process descriptor (io_uring direct descriptors).
+struct FileTable {
+    /// A duplicate of the ring's descriptor, so the table can update the
+    /// ring for as long as any `DirectSocket` lives, even after the backend.
+    ring: OwnedFd,
+    free: Mutex<Vec<u32>>,
+    size: u32,
+}
+
+/// `IORING_REGISTER_FILES_UPDATE` of the kernel ABI.
+const IORING_REGISTER_FILES_UPDATE: libc::c_uint = 6;
+
+/// `struct io_uring_files_update` of the kernel ABI.
+#[repr(C)]
+struct FilesUpdate {
+    offset: u32,
+    resv: u32,
+    fds: u64,
+}
+
+impl FileTable {
+    /// Puts `fd` (or -1: empty) in `slot`.
+    fn update(&self, slot: u32, fd: RawFd) -> io::Result<()> {
+        let fds = [fd];
+        let up = FilesUpdate {
+            offset: slot,
+            resv: 0,
+            fds: fds.as_ptr() as u64,
+        };
+        // SAFETY: IORING_REGISTER_FILES_UPDATE reads one `io_uring_files_update`
+        // and the one-element fd array it points to, both alive for the call.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_io_uring_register,
+                self.ring.as_raw_fd(),
+                IORING_REGISTER_FILES_UPDATE,
+                &up as *const FilesUpdate,
+                1,
+            )
+        };
+        if r < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl DirectTable for FileTable {
+    fn release(&self, slot: u32) {
+        // Emptying the slot drops the table's reference; the socket closes
+        // once no operation in flight still uses it.
+        if let Err(e) = self.update(slot, -1) {
+            tracing::error!(slot, "cannot release a registered socket: {e}");
+            return; // leak the slot rather than reuse one still holding a socket
+        }
+        self.free
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(slot);
+    }
+}
 
 /// Per-operation memory the kernel reads through pointers in the SQE. Lives
 /// inside the operation's `Box`, so it never moves while in flight.
@@ -99,6 +181,8 @@ pub(crate) struct Backend {
     outstanding: AtomicUsize,
     bufs: Arc<BufRing>,
     eventfd: OwnedFd,
+    /// Registered-file table for direct sockets, if set up.
+    files: Option<Arc<FileTable>>,
 }
 
 impl std::fmt::Debug for Backend {
@@ -147,6 +231,17 @@ impl Backend {
                 )
             })?,
         );
+        let files = if cfg.direct_files > 0 {
+            match file_table(&ring, cfg.direct_files) {
+                Ok(t) => Some(Arc::new(t)),
+                Err(e) => {
+                    tracing::info!("no registered-file table ({e}); connections use descriptors");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         let backend = Backend {
             ring,
             sq: Mutex::new(()),
@@ -157,6 +252,7 @@ impl Backend {
             outstanding: AtomicUsize::new(0),
             bufs,
             eventfd,
+            files,
         };
         backend.arm_wake()?;
         Ok(backend)
@@ -168,6 +264,36 @@ impl Backend {
 
     pub(crate) fn associate(&self, _socket: &Socket) -> io::Result<()> {
         Ok(())
+    }
+
+    /// Moves a connected socket into the registered-file table when it has
+    /// room, closing its process descriptor; otherwise keeps it as it is.
+    pub(crate) fn make_direct(&self, socket: Socket) -> Sock {
+        let Some(t) = &self.files else {
+            return Sock::Os(Arc::new(socket));
+        };
+        let Some(slot) = t.free.lock().unwrap_or_else(|e| e.into_inner()).pop() else {
+            return Sock::Os(Arc::new(socket));
+        };
+        match t.update(slot, socket.as_raw_fd()) {
+            Ok(()) => {
+                drop(socket); // the table holds the socket now
+                Sock::Direct(Arc::new(DirectSocket {
+                    slot,
+                    table: t.clone(),
+                }))
+            }
+            Err(e) => {
+                tracing::debug!("cannot register a socket: {e}");
+                t.free.lock().unwrap_or_else(|e| e.into_inner()).push(slot);
+                Sock::Os(Arc::new(socket))
+            }
+        }
+    }
+
+    /// Slots in the registered-file table (0 without one).
+    pub(crate) fn direct_capacity(&self) -> usize {
+        self.files.as_ref().map_or(0, |t| t.size as usize)
     }
 
     fn arm_wake(&self) -> io::Result<()> {
@@ -443,6 +569,7 @@ impl Backend {
                 result: Err(io::Error::other("file send ended early")),
                 file,
             },
+            Op::Shutdown { .. } => Outcome::Shut(if res < 0 { Err(errno(res)) } else { Ok(()) }),
             Op::Close { socket } => {
                 // The kernel closed the descriptor; don't close it again.
                 let _ = socket.into_raw_fd();
@@ -529,14 +656,20 @@ fn build_sqe(f: &mut InFlight, bufs: &BufRing, ud: u64) -> io::Result<squeue::En
         Op::Accept { listener } => opcode::AcceptMulti::new(types::Fd(listener.as_raw_fd()))
             .flags(libc::SOCK_CLOEXEC)
             .build(),
-        Op::Recv { socket } => opcode::Recv::new(
-            types::Fd(socket.as_raw_fd()),
-            std::ptr::null_mut(),
-            bufs.buf_size(),
-        )
-        .buf_group(BGID)
-        .build()
-        .flags(squeue::Flags::BUFFER_SELECT),
+        Op::Recv { socket } => {
+            on_sock!(socket, t => opcode::Recv::new(t, std::ptr::null_mut(), bufs.buf_size())
+            .buf_group(BGID)
+            .build()
+            .flags(squeue::Flags::BUFFER_SELECT))
+        }
+        Op::Shutdown { socket, how } => {
+            let how = match how {
+                std::net::Shutdown::Read => libc::SHUT_RD,
+                std::net::Shutdown::Write => libc::SHUT_WR,
+                std::net::Shutdown::Both => libc::SHUT_RDWR,
+            };
+            on_sock!(socket, t => opcode::Shutdown::new(t, how).build())
+        }
         Op::Send { socket, bufs } => {
             if bufs.is_empty() || bufs.len() > MAX_SEND_BUFS {
                 return Err(io::Error::new(
@@ -559,9 +692,10 @@ fn build_sqe(f: &mut InFlight, bufs: &BufRing, ud: u64) -> io::Result<squeue::En
             };
             hdr.msg_iov = iov.as_mut_ptr();
             hdr.msg_iovlen = iov.len() as _;
-            opcode::SendMsg::new(types::Fd(socket.as_raw_fd()), hdr as *const _)
+            let hdr = hdr as *const _;
+            on_sock!(socket, t => opcode::SendMsg::new(t, hdr)
                 .flags(libc::MSG_NOSIGNAL as u32)
-                .build()
+                .build())
         }
         Op::Connect { socket, addr } => {
             f.scratch = Scratch::Addr(SockAddr::from(*addr));
@@ -624,6 +758,27 @@ fn build_sqe(f: &mut InFlight, bufs: &BufRing, ud: u64) -> io::Result<squeue::En
     Ok(sqe.user_data(ud))
 }
 
+/// Sets up a sparse registered-file table of `want` slots (at most the
+/// descriptor limit, which the kernel enforces for the table too).
+fn file_table(ring: &IoUring, want: u32) -> io::Result<FileTable> {
+    let limit = crate::port::sys::fd_limit()
+        .unwrap_or(1024)
+        .min(u32::MAX as u64) as u32;
+    let size = want.min(limit).max(1);
+    ring.submitter().register_files_sparse(size)?;
+    // SAFETY: dup of the ring's own descriptor, checked below.
+    let fd = unsafe { libc::fcntl(ring.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(FileTable {
+        // SAFETY: a fresh duplicate nobody else owns.
+        ring: unsafe { OwnedFd::from_raw_fd(fd) },
+        free: Mutex::new((0..size).rev().collect()),
+        size,
+    })
+}
+
 /// A pipe for splicing, grown to `size` bytes when the system allows.
 fn pipe(size: usize) -> io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0 as RawFd; 2];
@@ -656,7 +811,7 @@ fn file_step(f: &mut InFlight, stage1: bool, res: i32, ud: u64) -> FileStep {
     let Op::SendFile { socket, .. } = &f.op else {
         return FileStep::Done(Err(io::Error::other("not a file send")));
     };
-    let sock = types::Fd(socket.as_raw_fd());
+    let socket = socket.clone();
     let Scratch::File(x) = &mut f.scratch else {
         return FileStep::Done(Err(io::Error::other("file send without state")));
     };
@@ -685,13 +840,15 @@ fn file_step(f: &mut InFlight, stage1: bool, res: i32, ud: u64) -> FileStep {
             return FileStep::Done(Ok(x.sent));
         }
     }
+    let (in_hand, data) = (x.in_hand as u32, x.buf[x.off.min(x.buf.len())..].as_ptr());
     let sqe = match &x.pipe {
         Some((r, _)) => {
-            opcode::Splice::new(types::Fd(r.as_raw_fd()), -1, sock, -1, x.in_hand as u32).build()
+            let r = types::Fd(r.as_raw_fd());
+            on_sock!(&socket, t => opcode::Splice::new(r, -1, t, -1, in_hand).build())
         }
-        None => opcode::Send::new(sock, x.buf[x.off..].as_ptr(), x.in_hand as u32)
+        None => on_sock!(&socket, t => opcode::Send::new(t, data, in_hand)
             .flags(libc::MSG_NOSIGNAL)
-            .build(),
+            .build()),
     };
     FileStep::Next(sqe.user_data(ud))
 }
