@@ -56,7 +56,7 @@
 //! member's [`Handler::on_posted`] on a worker of *that member's* port,
 //! with only that member locked, and it moves its mailbox into its own send
 //! queue. `post` locks nothing but the port's connection table for a
-//! look-up, so it is safe from any callback.
+//! look-up, so it is safe from any callback, `on_close` included.
 //!
 //! The posted `u64` is the mailbox's sequence number when the wake-up was
 //! sent: "your mail up to here is waiting". A mailbox with a wake-up
@@ -91,27 +91,25 @@
 //! [`Ctx::set_timer`] each time it fires. The engine keeps timers in a
 //! per-port queue, so an idle connection's timer costs nothing per tick.
 //!
-//! **Leaving.** `on_close` removes the user from the directory and tells
-//! the room `* NAME left ROOM`. Unlike the other callbacks, `on_close` has
-//! no [`Ctx`] and so no [`EngineRef`] to post with (a gap in cport's API,
-//! see [`Chat::run_courier`]). It puts the notice in the mailboxes as
-//! usual and leaves the wake-ups with the handler; a *courier* — here the
-//! main thread, which otherwise only waits for Ctrl-C — posts them. If no
-//! courier runs, the notice still arrives with the member's next callback
-//! (its next message, wake-up or timer tick).
+//! **Leaving.** `on_close` removes the user from the directory, drops its
+//! mailbox, and tells the room `* NAME left ROOM` like any other delivery:
+//! the notice goes into the members' mailboxes and each is woken with a
+//! post through the [`EngineRef`] that `on_close` is given. The notice
+//! arrives at once, whether or not anyone else is talking.
 
 use std::any::Any;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::mem;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, mpsc};
 use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Parser;
 use cport::frame::Frame;
-use cport::server::{CloseInfo, ConnId, Ctx, Engine, EngineConfig, EngineRef, Handler};
+use cport::server::{
+    CloseInfo, ConnId, Ctx, Engine, EngineConfig, EngineRef, Handler, MAX_TIMER_VALUE,
+};
 
 /// Command numbers of the chat protocol (header `cmd` field).
 pub mod cmd {
@@ -156,7 +154,9 @@ pub const MAX_NAME: usize = 32;
 pub const MAX_TEXT: usize = 4096;
 
 /// Timer value of the periodic room announcement (the only timer we set).
+/// [`Ctx::set_timer`] takes values up to [`MAX_TIMER_VALUE`].
 const TICK: u64 = 1;
+const _: () = assert!(TICK <= MAX_TIMER_VALUE);
 
 /// How a [`Chat`] behaves.
 #[derive(Debug, Clone)]
@@ -210,8 +210,7 @@ struct Mailbox {
     bytes: usize,
     /// Frames ever appended; the value a wake-up carries.
     seq: u64,
-    /// A wake-up was posted (or left to the courier) and not yet handled:
-    /// no need for another.
+    /// A wake-up was posted and not yet handled: no need for another.
     wake_pending: bool,
     /// Over [`ChatConfig::max_backlog`]: the connection is being dropped,
     /// and nothing more is appended.
@@ -229,8 +228,6 @@ pub struct Census {
     pub mailboxes: usize,
     /// Frames waiting in mailboxes.
     pub queued_frames: usize,
-    /// Wake-ups waiting for the courier.
-    pub deferred_wakes: usize,
 }
 
 /// A refused request: the ERROR frame to answer with.
@@ -260,11 +257,6 @@ pub struct Chat {
     directory: Mutex<Directory>,
     /// One mailbox per open connection.
     mail: Mutex<HashMap<ConnId, Mailbox>>,
-    /// Wake-ups decided in `on_close`, which cannot post; the courier posts
-    /// them. At most one per open connection; locked only inside `mail`.
-    deferred: Mutex<HashMap<ConnId, u64>>,
-    /// Signalled when `deferred` gains an entry.
-    deferred_ready: Condvar,
 }
 
 impl Chat {
@@ -274,8 +266,6 @@ impl Chat {
             cfg,
             directory: Mutex::new(Directory::default()),
             mail: Mutex::new(HashMap::new()),
-            deferred: Mutex::new(HashMap::new()),
-            deferred_ready: Condvar::new(),
         }
     }
 
@@ -294,33 +284,6 @@ impl Chat {
             rooms,
             mailboxes,
             queued_frames,
-            deferred_wakes: lock(&self.deferred).len(),
-        }
-    }
-
-    /// Posts the wake-ups `on_close` had to leave behind, until `stop` is
-    /// set; checks `stop` at least every 100 ms. Run it on a thread that
-    /// can borrow the engine (the example's main thread does).
-    ///
-    /// This exists only because [`Handler::on_close`] gets no [`Ctx`] and
-    /// no [`EngineRef`], and a handler cannot keep an `EngineRef` of its
-    /// own (it borrows the [`Engine`], which owns the handler). Were
-    /// `on_close` given the engine, it would post like every other callback
-    /// and this thread would go.
-    pub fn run_courier(&self, engine: EngineRef<'_>, stop: &AtomicBool) {
-        while !stop.load(Ordering::Relaxed) {
-            let wakes = {
-                let guard = lock(&self.deferred);
-                let (mut guard, _) = self
-                    .deferred_ready
-                    .wait_timeout_while(guard, Duration::from_millis(100), |d| d.is_empty())
-                    .unwrap_or_else(|e| e.into_inner());
-                mem::take(&mut *guard)
-            };
-            for (id, seq) in wakes {
-                // False: the connection is gone, and its mailbox with it.
-                engine.post(id, seq);
-            }
         }
     }
 
@@ -485,20 +448,19 @@ impl Chat {
     /// it to each mailbox, wakes the others with a post, and hands the
     /// sender its own copy at once.
     fn deliver(&self, ctx: &mut Ctx<'_>, to: &[ConnId], frame: Frame) {
-        let me = ctx.id();
-        let wakes = append(
-            &mut self.lock_mail(),
-            to,
-            &frame,
-            self.cfg.max_backlog,
-            Some(me),
-        );
-        let engine = ctx.engine();
+        self.post_mail(ctx.engine(), ctx.id(), to, &frame);
+        self.drain(ctx);
+    }
+
+    /// Appends `frame` to the mailboxes of `to` and posts a wake-up to each
+    /// member but `me` (the caller's own connection) that has none on its
+    /// way. Posts after the mailbox lock is released.
+    fn post_mail(&self, engine: EngineRef<'_>, me: ConnId, to: &[ConnId], frame: &Frame) {
+        let wakes = append(&mut self.lock_mail(), to, frame, self.cfg.max_backlog, me);
         for (id, seq) in wakes {
             // False: the connection is gone; its mailbox goes with `on_close`.
             engine.post(id, seq);
         }
-        self.drain(ctx);
     }
 
     /// Moves this connection's mailbox into its send queue, in order; drops
@@ -576,61 +538,46 @@ impl Handler for Chat {
         self.arm_tick(ctx);
     }
 
-    fn on_close(
-        &self,
-        _engine: EngineRef<'_>,
-        info: &CloseInfo,
-        data: Option<Box<dyn Any + Send>>,
-    ) {
+    fn on_close(&self, engine: EngineRef<'_>, info: &CloseInfo, data: Option<Box<dyn Any + Send>>) {
         let me = info.id;
-        let session = data.and_then(|d| d.downcast::<Session>().ok());
-        let mut left = None;
-        if let Some(Session {
+        // Mail still waiting for us goes, and nothing more can be appended.
+        self.lock_mail().remove(&me);
+        let Some(session) = data.and_then(|d| d.downcast::<Session>().ok()) else {
+            return; // `on_open` never ran
+        };
+        let Session {
             nick: Some(nick),
             room,
-        }) = session.as_deref()
+        } = *session
+        else {
+            return; // never chose a nickname, so never in a room
+        };
         {
             let mut dir = self.lock_directory();
-            if dir.nicks.get(nick) == Some(&me) {
-                dir.nicks.remove(nick);
-            }
-            drop(dir);
-            if let Some(room) = room {
-                let rest = self.remove_member(me, nick, room);
-                left = Some((rest, notice(&format!("* {nick} left {room}"))));
+            if dir.nicks.get(&nick) == Some(&me) {
+                dir.nicks.remove(&nick);
             }
         }
-        // Lock order: `mail`, then `deferred`. Holding `mail` while deferring
-        // means a member closing at the same time either lost its mailbox
-        // before we looked (no wake-up for it) or removes its deferred
-        // wake-up after we added it: none is left behind.
-        let mut mail = self.lock_mail();
-        if let Some((rest, line)) = left {
-            // No wake-up is claimed (`None`): until the courier posts these,
-            // any other sender's post still wakes the member.
-            let wakes = append(&mut mail, &rest, &line, self.cfg.max_backlog, None);
-            if !wakes.is_empty() {
-                lock(&self.deferred).extend(wakes);
-                self.deferred_ready.notify_one();
-            }
+        if let Some(room) = room {
+            let rest = self.remove_member(me, &nick, &room);
+            // `post` never locks the members, so it is safe here even with
+            // this connection still locked.
+            let line = notice(&format!("* {nick} left {room}"));
+            self.post_mail(engine, me, &rest, &line);
         }
-        mail.remove(&me);
-        lock(&self.deferred).remove(&me);
     }
 }
 
 /// Appends `frame` to the mailboxes of `to` and returns the wake-ups to
-/// send: one per mailbox that has none on its way. With `me`, the caller
-/// is a callback of connection `me` that will drain its own mailbox (no
-/// wake-up for it) and posts the others' wake-ups now, so they are marked
-/// pending; with `None` (from `on_close`) they are left to the courier
-/// and not marked, so a later sender still wakes the member meanwhile.
+/// post: one per mailbox, but `me`'s, that has none on its way, which is
+/// marked as having one. `me` is the caller's connection: it drains its own
+/// mailbox at the end of the callback (or is closing), so needs no wake-up.
 fn append(
     mail: &mut HashMap<ConnId, Mailbox>,
     to: &[ConnId],
     frame: &Frame,
     max_backlog: usize,
-    me: Option<ConnId>,
+    me: ConnId,
 ) -> Vec<(ConnId, u64)> {
     let size = frame.wire().len();
     let mut wakes = Vec::new();
@@ -652,8 +599,8 @@ fn append(
             mb.bytes += size;
             mb.seq += 1;
         }
-        if Some(id) != me && !mb.wake_pending {
-            mb.wake_pending = me.is_some();
+        if id != me && !mb.wake_pending {
+            mb.wake_pending = true;
             wakes.push((id, mb.seq));
         }
     }
@@ -760,12 +707,13 @@ fn main() -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     tracing::info!("chat listening on {addr}; Ctrl-C to stop");
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let flag = stop.clone();
-    ctrlc::set_handler(move || flag.store(true, Ordering::Relaxed))
-        .context("cannot install the Ctrl-C handler")?;
-    // The main thread has nothing else to do until Ctrl-C: it is the courier.
-    chat.run_courier(engine.handle(), &stop);
+    let (stop, stopped) = mpsc::channel();
+    ctrlc::set_handler(move || {
+        let _ = stop.send(());
+    })
+    .context("cannot install the Ctrl-C handler")?;
+    // The workers do everything; the main thread waits for Ctrl-C.
+    let _ = stopped.recv();
 
     let summary = engine.shutdown(Duration::from_secs(1));
     tracing::info!("final summary: {summary}; chat: {:?}", chat.census());
