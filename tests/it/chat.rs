@@ -429,13 +429,22 @@ fn chat_drops_a_client_that_does_not_read() {
             let mut sleeper = Client::join(addr, "sleeper", "lobby");
             let text = "z".repeat(4000);
             let left = AtomicBool::new(false);
+            let heard = std::sync::atomic::AtomicUsize::new(0);
             thread::scope(|s| {
                 let mut writer = talker.s.try_clone().unwrap();
-                let (left, text) = (&left, &text);
-                // The talker talks until the sleeper is gone (bounded).
+                let (left, text, heard) = (&left, &text, &heard);
+                // The talker talks until the sleeper is gone (bounded), at
+                // most 32 lines (128 KB) ahead of the listener, so on a busy
+                // machine only the client that never reads falls behind.
                 let w = s.spawn(move || {
                     let mut sent = 0usize;
+                    let deadline = Instant::now() + DEADLINE;
                     while !left.load(Ordering::Relaxed) {
+                        if sent > heard.load(Ordering::Relaxed) + 32 {
+                            assert!(Instant::now() < deadline, "the listener stalled");
+                            thread::sleep(Duration::from_millis(1));
+                            continue;
+                        }
                         util::write_frame(&mut writer, cmd::SAY, text.as_bytes()).unwrap();
                         sent += 1;
                         assert!(sent < 64 * 1024, "the sleeper was never dropped");
@@ -449,7 +458,10 @@ fn chat_drops_a_client_that_does_not_read() {
                         let (c, t) = listener.next();
                         match (c, t.as_str()) {
                             (cmd::MSG, "talker: done") => return lines,
-                            (cmd::MSG, _) => lines += 1,
+                            (cmd::MSG, _) => {
+                                lines += 1;
+                                heard.store(lines, Ordering::Relaxed);
+                            }
                             (cmd::INFO, _) => {}
                             other => panic!("listener: unexpected {other:?}"),
                         }
