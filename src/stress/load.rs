@@ -476,6 +476,7 @@ pub(crate) fn run_slice(
     let mut engine = Engine::start(ecfg, load.clone())?;
     let backend = engine.backend().to_string();
 
+    let cpu_at_start = crate::port::sys::process_usage().map(|u| u.cpu);
     let start = Instant::now();
     let run_end = start + cfg.run_time();
     let count = slice.count;
@@ -593,6 +594,10 @@ pub(crate) fn run_slice(
         latency: latency.to_counts(),
         interrupted,
         backend,
+        cpu_s: match (cpu_at_start, crate::port::sys::process_usage()) {
+            (Some(a), Some(b)) => b.cpu.saturating_sub(a).as_secs_f64(),
+            _ => 0.0,
+        },
     })
 }
 

@@ -41,6 +41,8 @@ pub(crate) struct Counts {
     pub(crate) interrupted: bool,
     /// The backend the client's ports ran on.
     pub(crate) backend: String,
+    /// CPU seconds the client process(es) used.
+    pub(crate) cpu_s: f64,
 }
 
 impl Counts {
@@ -77,6 +79,7 @@ impl Counts {
         l.merge(&Latency::from_counts(&o.latency));
         self.latency = l.to_counts();
         self.interrupted |= o.interrupted;
+        self.cpu_s += o.cpu_s;
         if self.backend.is_empty() {
             self.backend = o.backend.clone();
         } else if !o.backend.is_empty() && o.backend != self.backend {
@@ -196,6 +199,10 @@ pub struct StressReport {
     pub latency_us: Percentiles,
     /// The server's CPU and memory, when they could be read.
     pub server: Option<ServerFigures>,
+    /// CPU the client process(es) used over the run, in % of one core:
+    /// near 100 per client thread, the client and not the server is the
+    /// limit.
+    pub client_cpu_pct: f64,
     /// Seconds the whole run took.
     pub elapsed_s: f64,
     /// Stopped early by a signal.
@@ -264,6 +271,7 @@ pub(crate) fn build(
         },
         latency_us: latency,
         server,
+        client_cpu_pct: c.cpu_s / c.elapsed_s.max(1e-6) * 100.0,
         elapsed_s: elapsed.as_secs_f64(),
         interrupted: c.interrupted,
         ok,
@@ -279,7 +287,7 @@ fn mib(b: u64) -> String {
 }
 
 fn bytes(b: u64) -> String {
-    if b >= 10_000_000 {
+    if b >= 1_000_000 {
         format!("{:.1} MB", b as f64 / 1e6)
     } else if b >= 10_000 {
         format!("{:.1} kB", b as f64 / 1e3)
@@ -310,7 +318,7 @@ impl StressReport {
             r.sources.iter().filter_map(|x| x.parse().ok()).collect();
         let _ = writeln!(
             s,
-            "  run          {} process(es), backend {}, sources {}, elapsed {:.2} s{}",
+            "  run          {} process(es), backend {}, sources {}, client cpu {:.0} %, elapsed {:.2} s{}",
             r.procs,
             if r.backend.is_empty() {
                 "?"
@@ -322,6 +330,7 @@ impl StressReport {
             } else {
                 describe_sources(&sources)
             },
+            self.client_cpu_pct,
             self.elapsed_s,
             if self.interrupted {
                 " (INTERRUPTED)"

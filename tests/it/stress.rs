@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{self, Receiver};
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -276,14 +277,23 @@ fn stress_refused_connections_are_counted_by_reason() {
 
 #[test]
 fn stress_connect_timeouts_are_counted() {
-    // A listener that never accepts, with the smallest backlog: once its
-    // queue is full the kernel drops further SYNs, so connects hang — a
-    // server that is unreachable, on loopback.
+    // A listener that never accepts, with the smallest backlog, its
+    // accept queue filled first: the kernel then drops every SYN, so
+    // connects hang — an unreachable server, on loopback.
     let l = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
     l.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
         .unwrap();
     l.listen(0).unwrap();
-    let addr = l.local_addr().unwrap().as_socket().unwrap().to_string();
+    let sa = l.local_addr().unwrap().as_socket().unwrap();
+    let addr = sa.to_string();
+    let mut fillers = Vec::new();
+    while let Ok(s) = std::net::TcpStream::connect_timeout(&sa, Duration::from_millis(300)) {
+        fillers.push(s);
+        assert!(
+            fillers.len() < 16,
+            "the accept queue of a backlog-0 listener never filled"
+        );
+    }
     let json = JsonFile::new("timeout");
     let out = run_stress(&[
         "--connect",
@@ -302,14 +312,17 @@ fn stress_connect_timeouts_are_counted() {
         "--json",
         json.path(),
     ]);
+    drop(fillers);
     drop(l);
     assert_eq!(out.status.code(), Some(1), "{}", out.dump());
     let r = json.read(&out);
     assert_eq!(u(&r, "connections.failed"), 8, "{r:#}");
-    assert!(
-        u(&r, "connections.failed_by_reason.connect_timeout") >= 1,
+    assert_eq!(
+        u(&r, "connections.failed_by_reason.connect_timeout"),
+        8,
         "{r:#}"
     );
+    assert_eq!(u(&r, "connections.opened"), 0, "{r:#}");
     assert!(f(&r, "elapsed_s") < 30.0, "{r:#}");
 }
 
@@ -373,6 +386,7 @@ struct Running {
     child: Child,
     lines: Receiver<String>,
     seen: Vec<String>,
+    stderr: Arc<Mutex<String>>,
 }
 
 impl Running {
@@ -382,10 +396,18 @@ impl Running {
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("spawn cport stress");
         let out = child.stdout.take().unwrap();
+        let mut err = child.stderr.take().unwrap();
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let sink = stderr.clone();
+        thread::spawn(move || {
+            let mut text = String::new();
+            let _ = std::io::Read::read_to_string(&mut err, &mut text);
+            sink.lock().unwrap().push_str(&text);
+        });
         let (tx, lines) = mpsc::channel();
         thread::spawn(move || {
             for l in BufReader::new(out).lines().map_while(Result::ok) {
@@ -398,6 +420,7 @@ impl Running {
             child,
             lines,
             seen: Vec::new(),
+            stderr,
         }
     }
 
@@ -423,7 +446,8 @@ impl Running {
         );
     }
 
-    /// Waits (bounded) for the exit; returns the code and all of stdout.
+    /// Waits (bounded) for the exit; returns the code and all of stdout
+    /// and stderr.
     fn finish(mut self) -> (Option<i32>, String) {
         let end = Instant::now() + DEADLINE;
         let status = loop {
@@ -442,7 +466,12 @@ impl Running {
         while let Ok(l) = self.lines.recv_timeout(Duration::from_secs(5)) {
             self.seen.push(l);
         }
-        (status.code(), self.seen.join("\n"))
+        let stderr = self.stderr.lock().unwrap().clone();
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        (
+            status.code(),
+            format!("{}\n--- stderr ---\n{stderr}", self.seen.join("\n")),
+        )
     }
 }
 
