@@ -212,8 +212,9 @@ pub(crate) fn run_stress(a: StressArgs) -> anyhow::Result<i32> {
         run(&cfg, &opts, |p| display.update(p)).with_context(|| start_failure(cfg.backend))?;
     display.finish();
     let rendered = report.render();
-    print!("{rendered}");
-    let _ = std::io::stdout().flush();
+    // A closed stdout (e.g. piped into `head`) must not turn into a panic.
+    let mut out = std::io::stdout();
+    let _ = out.write_all(rendered.as_bytes()).and_then(|_| out.flush());
     if let Some(f) = &mut json {
         let body = serde_json::to_string_pretty(&report)?;
         writeln!(f, "{body}").context("cannot write the JSON report")?;
@@ -301,7 +302,8 @@ impl Display {
                     None => 0.0,
                 };
                 *last = Some((now, p.received));
-                println!(
+                let _ = writeln!(
+                    std::io::stdout(),
                     "progress: {:.1}s connected {}/{} open {} failed {} sent {} received {} mismatches {} msgs/s {:.0}",
                     p.elapsed_s,
                     p.opened,
