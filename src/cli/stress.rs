@@ -139,6 +139,23 @@ pub(crate) struct WorkerArgs {
     log: String,
 }
 
+/// Exits the process if the run is still going at `cfg.hard_deadline()`:
+/// the run bounds itself, so this only fires if something is stuck, and
+/// then a clear error beats a hang. (Worker processes see their stdin
+/// close and stop.)
+fn exit_at_hard_deadline(cfg: &StressConfig) {
+    let limit = cfg.hard_deadline();
+    let _ = std::thread::Builder::new()
+        .name("cport-deadline".into())
+        .spawn(move || {
+            std::thread::sleep(limit);
+            eprintln!(
+                "error: the stress run did not end within its hard deadline of {limit:?}; giving up"
+            );
+            std::process::exit(1);
+        });
+}
+
 /// Ctrl-C (SIGINT, SIGTERM) sets the flag; a second one exits at once.
 fn stop_on_signal() -> anyhow::Result<Arc<AtomicBool>> {
     let stop = Arc::new(AtomicBool::new(false));
@@ -207,6 +224,7 @@ pub(crate) fn run_stress(a: StressArgs) -> anyhow::Result<i32> {
             (None, false) => ServerWatch::Stats(cfg.targets[0]),
         },
     };
+    exit_at_hard_deadline(&cfg);
     let mut display = Display::new(&cfg, plan.procs, a.quiet);
     let report =
         run(&cfg, &opts, |p| display.update(p)).with_context(|| start_failure(cfg.backend))?;

@@ -236,6 +236,15 @@ impl StressConfig {
         self.reply_timeout.min(Duration::from_secs(5))
     }
 
+    /// The latest a whole run can take when nothing is wrong with cport
+    /// itself: the run time, the drain, the engine's bounded shutdown,
+    /// the sampler's last request, and the grace given to worker
+    /// processes before they are killed, plus a margin. A process still
+    /// running then is stuck; `cport stress` gives up on it.
+    pub fn hard_deadline(&self) -> Duration {
+        self.run_time() + self.drain_time() + Duration::from_secs(60)
+    }
+
     /// The destination of connection `i`, and the address to bind it to.
     fn endpoints(&self, sources: &[IpAddr], i: u64) -> (SocketAddr, Option<SocketAddr>) {
         let t = self.targets.len() as u64;
