@@ -7,7 +7,8 @@
 //!    completion is reaped; pooled receive buffers.
 //! 3. [`frame`] — the wire codec (pure, no I/O).
 //! 4. [`server`] / [`client`] — connections, send queues, handlers, shutdown,
-//!    stats; the built-in services.
+//!    stats; the built-in services. [`stress`] (the load generator behind
+//!    `cport stress`) sits beside them, on the same engine.
 //!
 //! The `cport` binary (`src/main.rs`, `src/cli/`) is a thin layer over these.
 //! docs/DESIGN.md describes the life of an operation and of a connection.
@@ -20,4 +21,5 @@ pub mod frame;
 pub mod op;
 pub mod port;
 pub mod server;
+pub mod stress;
 pub mod units;

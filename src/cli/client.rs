@@ -49,17 +49,8 @@ pub(crate) struct ClientArgs {
 }
 
 fn engine_config(a: &ClientArgs) -> anyhow::Result<EngineConfig> {
-    let mut cfg = EngineConfig {
-        workers: 1,
-        ports: 1,
-        // A client trusts its server's frame sizes (a FILE reply can be
-        // up to 4 GiB - 1), and is not the side that times peers out.
-        max_frame: u32::MAX,
-        idle_timeout: None,
-        ..EngineConfig::default()
-    };
+    let mut cfg = cport::client::engine_config(a.backend.kind()?);
     cfg.port.recv_bufs = 1024;
-    cfg.port.backend = a.backend.kind()?;
     Ok(cfg)
 }
 

@@ -3,6 +3,7 @@
 
 mod client;
 mod server;
+mod stress;
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::time::Duration;
@@ -25,6 +26,11 @@ enum Command {
     Server(server::ServerArgs),
     /// Run the ordinary client: interactive, line mode, or N messages every T.
     Client(client::ClientArgs),
+    /// Load a server with thousands of connections and report what it did.
+    Stress(stress::StressArgs),
+    /// One worker process of `cport stress` (started by it, not by hand).
+    #[command(hide = true)]
+    StressWorker(stress::WorkerArgs),
 }
 
 /// Runs the command line; returns the process exit code.
@@ -41,6 +47,8 @@ pub(crate) fn main() -> i32 {
     let result = match cli.command {
         Command::Server(a) => server::run(a),
         Command::Client(a) => client::run(a),
+        Command::Stress(a) => stress::run_stress(a),
+        Command::StressWorker(a) => stress::run_stress_worker(a),
     };
     match result {
         Ok(code) => code,

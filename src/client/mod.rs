@@ -2,6 +2,12 @@
 //! one connection (the interactive client), and [`run_messages`], the seeds'
 //! client window — C connections each sending a message N times every T,
 //! verifying every echo byte for byte and timing every round trip.
+//! [`Latency`] (the round-trip histogram) and [`engine_config`] are shared
+//! with `cport stress`.
+
+mod latency;
+
+pub use latency::{Latency, Percentiles};
 
 use std::any::Any;
 use std::collections::BTreeMap;
@@ -13,12 +19,36 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use hdrhistogram::Histogram;
 
 use crate::frame::{Frame, cmd};
+use crate::port::BackendKind;
 use crate::server::{
     CloseInfo, CloseReason, ConnId, Ctx, Engine, EngineConfig, EngineRef, Handler,
 };
+
+/// The engine settings of a client: one port with one worker, frames of
+/// any size accepted from the server (a FILE reply can be up to 4 GiB - 1),
+/// and no idle timeout (a client is not the side that times peers out).
+pub fn engine_config(backend: BackendKind) -> EngineConfig {
+    let mut cfg = EngineConfig {
+        workers: 1,
+        ports: 1,
+        max_frame: u32::MAX,
+        idle_timeout: None,
+        ..EngineConfig::default()
+    };
+    cfg.port.backend = backend;
+    cfg
+}
+
+/// When connection `i` (0-based) of a ramp at `rate` connects per second
+/// that began at `start` is due (`rate` 0: at once).
+pub(crate) fn ramp_due(start: Instant, i: u64, rate: f64) -> Instant {
+    if rate <= 0.0 {
+        return start;
+    }
+    start + Duration::from_secs_f64(i as f64 / rate)
+}
 
 enum SessionEvent {
     Open,
@@ -215,7 +245,7 @@ struct ConnLoad {
 
 struct Totals {
     report: MessagesReport,
-    hist: Histogram<u64>,
+    latency: Latency,
     done: usize,
 }
 
@@ -283,7 +313,7 @@ impl Handler for MessagesHandler {
             if !ok {
                 t.report.mismatches += 1;
             }
-            let _ = t.hist.record(rtt.as_micros().max(1) as u64);
+            t.latency.record(rtt);
         }
         self.emit(MessageEvent::Reply {
             conn: index,
@@ -355,7 +385,7 @@ pub fn run_messages(
         cfg: cfg.clone(),
         totals: Mutex::new(Totals {
             report: MessagesReport::default(),
-            hist: Histogram::new_with_bounds(1, 60_000_000, 3).map_err(io::Error::other)?,
+            latency: Latency::new(),
             done: 0,
         }),
         events: Mutex::new(tx),
@@ -363,11 +393,9 @@ pub fn run_messages(
     let mut engine = Engine::start(engine_cfg, handler.clone())?;
     let start = Instant::now();
     for i in 0..cfg.connections {
-        if cfg.connect_rate > 0 {
-            let due = start + Duration::from_secs_f64(i as f64 / cfg.connect_rate as f64);
-            while let Some(wait) = due.checked_duration_since(Instant::now()) {
-                drain(&rx, &mut on_event, wait);
-            }
+        let due = ramp_due(start, i as u64, cfg.connect_rate as f64);
+        while let Some(wait) = due.checked_duration_since(Instant::now()) {
+            drain(&rx, &mut on_event, wait);
         }
         let load = ConnLoad {
             index: i,
@@ -404,14 +432,8 @@ pub fn run_messages(
     drain(&rx, &mut on_event, Duration::ZERO);
     let t = handler.totals.lock().unwrap_or_else(|e| e.into_inner());
     let mut report = t.report.clone();
-    if !t.hist.is_empty() {
-        report.rtt_us = [
-            t.hist.value_at_quantile(0.5),
-            t.hist.value_at_quantile(0.9),
-            t.hist.value_at_quantile(0.99),
-            t.hist.max(),
-        ];
-    }
+    let p = t.latency.percentiles();
+    report.rtt_us = [p.p50, p.p90, p.p99, p.max];
     report.elapsed = start.elapsed();
     Ok(report)
 }

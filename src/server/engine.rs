@@ -452,7 +452,7 @@ impl Engine {
     /// Opens an outgoing connection; its handler's `on_open` (or `on_close`
     /// with [`CloseReason::ConnectFailed`]) follows on a worker.
     pub fn connect(&self, addr: SocketAddr) -> io::Result<ConnId> {
-        self.shared.connect(addr, None)
+        self.shared.connect(addr, None, None)
     }
 
     /// Like [`connect`](Self::connect), with the connection's user data
@@ -462,7 +462,25 @@ impl Engine {
         addr: SocketAddr,
         data: T,
     ) -> io::Result<ConnId> {
-        self.shared.connect(addr, Some(Box::new(data)))
+        self.shared.connect(addr, None, Some(Box::new(data)))
+    }
+
+    /// Like [`connect_with`](Self::connect_with), with the socket bound to
+    /// `local` before it connects: the way to spread connections over
+    /// several source addresses (127.0.0.2, 127.0.0.3, ...) when one
+    /// (source, destination) pair would run out of ephemeral ports. With
+    /// port 0 in `local` the kernel picks the source port at connect time,
+    /// per destination (`IP_BIND_ADDRESS_NO_PORT` on Linux), so each source
+    /// address gives a full ephemeral range to every destination. A failed
+    /// bind (e.g. an address not on this host) is returned here, before
+    /// any callback.
+    pub fn connect_from_with<T: std::any::Any + Send>(
+        &self,
+        local: SocketAddr,
+        addr: SocketAddr,
+        data: T,
+    ) -> io::Result<ConnId> {
+        self.shared.connect(addr, Some(local), Some(Box::new(data)))
     }
 
     /// Current counters.
@@ -839,6 +857,7 @@ impl Shared {
     fn connect(
         &self,
         addr: SocketAddr,
+        local: Option<SocketAddr>,
         user: Option<Box<dyn std::any::Any + Send>>,
     ) -> io::Result<ConnId> {
         let p = self.next_port.fetch_add(1, Ordering::Relaxed) % self.ports.len();
@@ -847,6 +866,12 @@ impl Shared {
             Type::STREAM,
             Some(SockProtocol::TCP),
         )?;
+        if let Some(local) = local {
+            if local.port() == 0 {
+                crate::port::sys::set_bind_address_no_port(&socket)?;
+            }
+            socket.bind(&local.into())?;
+        }
         let conn = self.insert_conn(p, socket, false, true)?;
         let mut st = conn.st.lock().unwrap_or_else(|e| e.into_inner());
         st.user = user;

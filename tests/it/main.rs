@@ -25,3 +25,4 @@ mod raw;
 mod scale;
 mod services;
 mod shutdown;
+mod stress;

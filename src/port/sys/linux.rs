@@ -1,4 +1,5 @@
-//! Linux process accounting read from `/proc/self`.
+//! Linux helpers outside the port: process accounting read from `/proc`,
+//! descriptor limits, socket options.
 
 use std::time::Duration;
 
@@ -15,7 +16,18 @@ pub struct ProcessUsage {
 
 /// Reads this process's CPU time and RSS; `None` if `/proc` is unreadable.
 pub fn process_usage() -> Option<ProcessUsage> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    usage_in("/proc/self")
+}
+
+/// Reads the CPU time and RSS of process `pid` (e.g. a server watched by
+/// `cport stress --server-pid`); `None` if it is gone or `/proc` is
+/// unreadable. `fds` is 0 when its descriptor table is not readable to us.
+pub fn process_usage_of(pid: u32) -> Option<ProcessUsage> {
+    usage_in(&format!("/proc/{pid}"))
+}
+
+fn usage_in(dir: &str) -> Option<ProcessUsage> {
+    let stat = std::fs::read_to_string(format!("{dir}/stat")).ok()?;
     // Fields after the command name, which may contain spaces, so split
     // after the closing parenthesis.
     let rest = &stat[stat.rfind(')')? + 2..];
@@ -29,7 +41,7 @@ pub fn process_usage() -> Option<ProcessUsage> {
     let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
     // SAFETY: as above.
     let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as u64;
-    let fds = std::fs::read_dir("/proc/self/fd")
+    let fds = std::fs::read_dir(format!("{dir}/fd"))
         .map(|d| d.count() as u64)
         .unwrap_or(0);
     Some(ProcessUsage {
@@ -37,6 +49,54 @@ pub fn process_usage() -> Option<ProcessUsage> {
         rss: rss_pages * page,
         fds,
     })
+}
+
+/// The ephemeral port range (`net.ipv4.ip_local_port_range`) as
+/// `(first, last)`; `None` if it cannot be read.
+pub fn ephemeral_port_range() -> Option<(u16, u16)> {
+    let s = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+    let mut it = s.split_whitespace().map(|x| x.parse::<u16>());
+    match (it.next(), it.next()) {
+        (Some(Ok(a)), Some(Ok(b))) if a <= b => Some((a, b)),
+        _ => None,
+    }
+}
+
+/// The hard limit on open file descriptors of this process (the most
+/// [`raise_fd_limit`] can give).
+pub fn fd_hard_limit() -> Option<u64> {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we pass and nothing else.
+    let rc = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) };
+    (rc == 0).then_some(r.rlim_max)
+}
+
+/// Sets `IP_BIND_ADDRESS_NO_PORT` on a socket about to be bound to an
+/// address with port 0 and then connected: the kernel then picks the
+/// source port at `connect` time for the whole 4-tuple, instead of
+/// reserving one at `bind` time for the source address alone, so one
+/// source address gives a full ephemeral range per destination.
+pub fn set_bind_address_no_port(socket: &socket2::Socket) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let one: libc::c_int = 1;
+    // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from a live
+    // c_int on our stack; the descriptor is owned by `socket`.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            &one as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// The soft limit on open file descriptors of this process.
