@@ -47,12 +47,13 @@ pub(crate) struct ServerArgs {
     /// Wire protocol.
     #[arg(long, value_enum, default_value_t = ProtocolArg::Framed)]
     protocol: ProtocolArg,
-    /// Worker threads in all, spread evenly over the ports [default: 2 x cores].
+    /// Worker threads in all, spread evenly over the ports [default: cores].
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
     workers: Option<u16>,
-    /// Completion ports (1: the seeds' shared model; = workers: one port per worker).
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
-    ports: u16,
+    /// Completion ports (1: the seeds' shared model, all workers on one port;
+    /// = workers: one port per worker) [default: one per worker, at most 64].
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=64))]
+    ports: Option<u16>,
     /// Completion backend.
     #[arg(long, value_enum, default_value_t = BackendArg::Auto)]
     backend: BackendArg,
@@ -111,9 +112,15 @@ pub(crate) fn run(a: ServerArgs) -> anyhow::Result<i32> {
             a.max_frame
         );
     }
-    let ports = a.ports as usize;
+    // The default is the per-core model: on this kind of machine it used
+    // less CPU at every load measured (docs/DESIGN.md, "Which model").
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let workers = a.workers.map_or((cores * 2).max(ports), |w| w as usize);
+    let workers = match (a.workers, a.ports) {
+        (Some(w), _) => w as usize,
+        (None, Some(p)) => cores.max(p as usize),
+        (None, None) => cores,
+    };
+    let ports = a.ports.map_or(workers.min(64), |p| p as usize);
     if workers < ports {
         bail!(
             "--workers {workers} is less than --ports {ports}: every port needs at least one worker"
