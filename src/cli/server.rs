@@ -69,7 +69,7 @@ pub(crate) struct ServerArgs {
     /// Size of each pooled receive buffer.
     #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "4KiB")]
     recv_buf: u64,
-    /// Pooled receive buffers per port.
+    /// Pooled receive buffers in all, split over the ports (at least 1024 each).
     #[arg(long, value_name = "N", default_value_t = 4096)]
     recv_bufs: u32,
     /// Close connections that send nothing for this long, with ERROR 6 (0: never).
@@ -149,7 +149,7 @@ pub(crate) fn run(a: ServerArgs) -> anyhow::Result<i32> {
     };
     cfg.port.backend = backend;
     cfg.port.recv_buf_size = a.recv_buf.clamp(512, 1 << 20) as u32;
-    cfg.port.recv_bufs = a.recv_bufs;
+    cfg.port.recv_bufs = (a.recv_bufs / ports as u32).max(1024);
     if a.direct_sockets == OnOff::On {
         cfg.port.direct_files = fd_limit.min(u32::MAX as u64) as u32;
     }
