@@ -47,6 +47,11 @@ pub(crate) const CLOSE_POST: u64 = u64::MAX - 1;
 /// engine is over its total queue cap.
 const BACKLOG_WHEN_OVER_CAP: usize = 64 * 1024;
 
+/// File replies a connection may have queued (each holds an open file)
+/// before it stops being read: a client pipelining FILE requests without
+/// reading cannot make the server hold thousands of descriptors.
+const MAX_FILES_QUEUED: usize = 16;
+
 /// Most bytes one gathered send carries.
 const MAX_SEND_BYTES: usize = 1 << 20;
 
@@ -112,6 +117,8 @@ pub(crate) struct ConnState {
     sendq: VecDeque<Chunk>,
     /// The file segment of the send in flight, when it is a file send.
     file_inflight: Option<(Arc<File>, u64, usize)>,
+    /// File replies queued or in flight (each holds an open file).
+    files_queued: usize,
     pub(crate) queued: usize,
     pub(crate) send_op: Option<OpId>,
     pub(crate) recv_op: Option<OpId>,
@@ -145,6 +152,7 @@ impl ConnState {
             decoder: Decoder::new(max_frame),
             sendq: VecDeque::new(),
             file_inflight: None,
+            files_queued: 0,
             queued: 0,
             send_op: None,
             recv_op: None,
@@ -188,7 +196,13 @@ impl ConnState {
         if self.closing.is_some() && !self.draining || len == 0 {
             return;
         }
+        self.files_queued += 1;
         self.sendq.push_back(Chunk::File { file, offset, len });
+    }
+
+    /// Whether the connection must stop taking requests until it drains.
+    fn must_hold(&self, shared: &Shared) -> bool {
+        self.queued > shared.max_send_queue || self.files_queued >= MAX_FILES_QUEUED
     }
 
     /// Forgets `n` queued bytes that will never be sent (or were sent).
@@ -227,7 +241,13 @@ impl ConnState {
     fn abort_queue(&mut self, shared: &Shared) {
         self.draining = false;
         self.linger = false;
-        let dropped: usize = self.sendq.drain(..).map(|c| c.memory()).sum();
+        let mut dropped = 0;
+        for c in self.sendq.drain(..) {
+            dropped += c.memory();
+            if let Chunk::File { .. } = c {
+                self.files_queued -= 1;
+            }
+        }
         self.unqueue(shared, dropped);
     }
 
@@ -270,24 +290,36 @@ pub(crate) fn on_received(shared: &Shared, conn: &Conn, st: &mut ConnState, data
         }
         Protocol::Framed => {
             st.decoder.feed(data);
-            loop {
-                match st.decoder.decode() {
-                    Ok(Some(f)) => {
-                        shared.stats.frame_in(f.body_len());
-                        let h = shared.handler.clone();
-                        h.on_frame(&mut Ctx { conn, st, shared }, f);
-                        if st.closing.is_some() {
-                            break;
-                        }
-                    }
-                    Ok(None) => break,
-                    Err(e) => {
-                        tracing::debug!(conn = %conn.id, peer = ?conn.peer, "{e}");
-                        let mut ctx = Ctx { conn, st, shared };
-                        ctx.send_error(frame::code::FRAME_TOO_LARGE, &e.to_string());
-                        break;
-                    }
-                }
+            decode_frames(shared, conn, st);
+        }
+    }
+}
+
+/// Handles the complete frames in the decoder, in order, until it holds no
+/// complete frame, the connection closes, or it must hold back: its send
+/// queue is over the limit or it has `MAX_FILES_QUEUED` file replies
+/// waiting (each holds an open file). Frames left in the decoder are
+/// handled by `progress` once the connection drains. Returns the number
+/// handled.
+fn decode_frames(shared: &Shared, conn: &Conn, st: &mut ConnState) -> usize {
+    let mut n = 0;
+    loop {
+        if st.closing.is_some() || st.must_hold(shared) {
+            return n;
+        }
+        match st.decoder.decode() {
+            Ok(Some(f)) => {
+                n += 1;
+                shared.stats.frame_in(f.body_len());
+                let h = shared.handler.clone();
+                h.on_frame(&mut Ctx { conn, st, shared }, f);
+            }
+            Ok(None) => return n,
+            Err(e) => {
+                tracing::debug!(conn = %conn.id, peer = ?conn.peer, "{e}");
+                let mut ctx = Ctx { conn, st, shared };
+                ctx.send_error(frame::code::FRAME_TOO_LARGE, &e.to_string());
+                return n;
             }
         }
     }
@@ -355,10 +387,14 @@ pub(crate) fn progress(shared: &Shared, conn: &Conn, st: &mut ConnState) {
     // or while the whole engine is over its queue cap and this connection
     // has replies waiting (its own send completion re-evaluates this).
     let limit = shared.max_send_queue;
-    if !st.paused && st.queued > limit {
+    if !st.paused && st.must_hold(shared) {
         st.paused = true;
-    } else if st.paused && st.queued <= limit / 2 {
+    } else if st.paused && st.queued <= limit / 2 && st.files_queued < MAX_FILES_QUEUED / 2 {
         st.paused = false;
+        // Requests that arrived before the pause come first.
+        if shared.protocol == Protocol::Framed && decode_frames(shared, conn, st) > 0 {
+            return progress(shared, conn, st);
+        }
     }
     let over_cap =
         st.queued > 0 && shared.queued_total.load(Ordering::Relaxed) > shared.max_queued_total;
@@ -540,6 +576,7 @@ pub(crate) fn on_sent_file(shared: &Shared, st: &mut ConnState, result: io::Resu
     };
     match result {
         Ok(0) if len > 0 => {
+            st.files_queued -= 1;
             // The file shrank under us: the frame header promised bytes we
             // cannot send, so the stream cannot be continued.
             st.close(
@@ -558,9 +595,12 @@ pub(crate) fn on_sent_file(shared: &Shared, st: &mut ConnState, result: io::Resu
                     offset: offset + n as u64,
                     len: len - n,
                 });
+                return; // the same file reply, still queued
             }
+            st.files_queued -= 1;
         }
         Err(e) => {
+            st.files_queued -= 1;
             let reason = CloseReason::from_error(&e);
             st.close(shared, reason, CloseMode::Abort, Some(e.to_string()));
         }

@@ -556,3 +556,62 @@ fn direct_sockets_hold_more_connections_than_the_descriptor_limit() {
     drop(st);
     srv.stop_checked(n as u64 + 1);
 }
+
+/// A client pipelining 2,000 FILE requests without reading: the server
+/// stops reading it after a few queued file replies (each holds an open
+/// file), so its descriptors stay bounded, and when the client reads, every
+/// reply arrives, in order, intact.
+#[test]
+fn pipelined_file_requests_hold_few_descriptors_and_lose_nothing() {
+    let dir = FilesDir::new("pipelined");
+    let content = pattern(11, 70_000);
+    std::fs::write(dir.0.join("f.bin"), &content).unwrap();
+    let mut srv = Server::start(&["--files", dir.path(), "--ports", "1", "--workers", "2"]);
+    let mut s = connect(srv.addr());
+    let fds0 = std::fs::read_dir(format!("/proc/{}/fd", srv.pid()))
+        .unwrap()
+        .count();
+    let n = 2000;
+    let mut w = s.try_clone().unwrap();
+    let writer = thread::spawn(move || {
+        let req = encode_frame(CMD_FILE, b"f.bin");
+        for _ in 0..n {
+            w.write_all(&req).unwrap();
+        }
+    });
+    // While nothing is read, the server holds only a few files open.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let mut peak = 0;
+    while Instant::now() < deadline {
+        let fds = std::fs::read_dir(format!("/proc/{}/fd", srv.pid()))
+            .unwrap()
+            .count();
+        peak = peak.max(fds.saturating_sub(fds0));
+        thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        peak <= 40,
+        "{peak} more descriptors while FILE replies were unread"
+    );
+    for i in 0..n {
+        let (cmd, len) = request_file_reply(&mut s);
+        assert_eq!((cmd, len as usize), (CMD_FILE, content.len()), "reply {i}");
+        let mut b = vec![0u8; len as usize];
+        s.read_exact(&mut b).unwrap();
+        assert!(b == content, "reply {i} differs");
+    }
+    writer.join().unwrap();
+    echo_roundtrip(&mut s, b"after 2000 files");
+    drop(s);
+    srv.stop_checked(1);
+}
+
+/// Reads a FILE reply header: (cmd, len).
+fn request_file_reply(s: &mut TcpStream) -> (u32, u32) {
+    let mut h = [0u8; 8];
+    s.read_exact(&mut h).unwrap();
+    (
+        u32::from_be_bytes(h[4..].try_into().unwrap()),
+        u32::from_be_bytes(h[..4].try_into().unwrap()),
+    )
+}
