@@ -503,7 +503,7 @@ struct WorkerSpec {
     ramp: f64,
 }
 
-/// The worker process's side of [`run`]: reads its [`WorkerSpec`] as one
+/// The worker process's side of [`run`]: reads its `WorkerSpec` as one
 /// JSON line from `input`, runs that slice, and writes progress lines and
 /// finally its counts as JSON lines to `output`. Anything more on `input`,
 /// or its end (the parent closed the pipe, or died), stops the run early,

@@ -34,7 +34,7 @@
 //!
 //! On Linux two backends meet it: `uring/` (io_uring, true completions)
 //! and `poll/` (epoll readiness turned into completions in the backend).
-//! [`Backend`] here is the one the port holds: an enum over them that
+//! `Backend` here is the one the port holds: an enum over them that
 //! delegates every call, chosen once per port from
 //! [`PortConfig::backend`](crate::port::PortConfig). `Auto` takes io_uring
 //! when the kernel lets us set up a ring with every opcode cport uses, and
