@@ -251,23 +251,29 @@ fn cancelled_error() -> io::Error {
 /// The outcome of an operation cancelled before it completed, handing back
 /// what it owned.
 fn cancelled(op: Op) -> Outcome {
+    failed(op, cancelled_error)
+}
+
+/// The outcome of an operation that ended with the error `err()` (or was
+/// cancelled) before it completed, handing back what it owned.
+fn failed(op: Op, err: impl Fn() -> io::Error) -> Outcome {
     match op {
         Op::Accept { .. } => Outcome::Accepted {
-            result: Err(cancelled_error()),
+            result: Err(err()),
             more: false,
         },
-        Op::Recv { .. } => Outcome::Received(Err(cancelled_error())),
+        Op::Recv { .. } => Outcome::Received(Err(err())),
         Op::Send { bufs, .. } => Outcome::Sent {
-            result: Err(cancelled_error()),
+            result: Err(err()),
             bufs,
         },
         Op::SendFile { file, .. } => Outcome::SentFile {
-            result: Err(cancelled_error()),
+            result: Err(err()),
             file,
         },
-        Op::Shutdown { .. } => Outcome::Shut(Err(cancelled_error())),
+        Op::Shutdown { .. } => Outcome::Shut(Err(err())),
         Op::Connect { socket, .. } => Outcome::Connected {
-            result: Err(cancelled_error()),
+            result: Err(err()),
             socket,
         },
         // Not reached: `cancel` leaves closes alone. Dropping the socket
@@ -799,27 +805,7 @@ impl Backend {
             let e = t.remove(idx, id);
             self.outstanding.fetch_sub(1, Ordering::Relaxed);
             let Some(op) = e.op else { continue };
-            let copy = || io::Error::new(err.kind(), err.to_string());
-            let outcome = match op {
-                Op::Accept { .. } => Outcome::Accepted {
-                    result: Err(copy()),
-                    more: false,
-                },
-                Op::Recv { .. } => Outcome::Received(Err(copy())),
-                Op::Send { bufs, .. } => Outcome::Sent {
-                    result: Err(copy()),
-                    bufs,
-                },
-                Op::Connect { socket, .. } => Outcome::Connected {
-                    result: Err(copy()),
-                    socket,
-                },
-                Op::SendFile { file, .. } => Outcome::SentFile {
-                    result: Err(copy()),
-                    file,
-                },
-                other => cancelled(other),
-            };
+            let outcome = failed(op, || io::Error::new(err.kind(), err.to_string()));
             out.push_back(Completion {
                 key: e.key,
                 op: Some(id),
