@@ -15,6 +15,7 @@
 #![deny(missing_docs, missing_debug_implementations, rust_2018_idioms)]
 #![warn(clippy::undocumented_unsafe_blocks)]
 
+pub mod admin;
 pub mod buf;
 pub mod client;
 pub mod frame;

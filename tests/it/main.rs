@@ -12,6 +12,7 @@
 
 mod util;
 
+mod admin;
 mod bad_input;
 mod chat;
 mod cli;
