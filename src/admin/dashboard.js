@@ -65,11 +65,18 @@ function fmt(v, unit) {
   return num + prefixes[i] + unit;
 }
 
-function niceMax(v) {
-  if (!(v > 0)) return 1;
-  const p = Math.pow(10, Math.floor(Math.log10(v)));
-  for (const m of [1, 2, 2.5, 5, 10]) if (m * p >= v) return m * p;
-  return 10 * p;
+// The y axis: a round step (1, 2 or 5 times a power of ten; of 1024 for
+// bytes) giving at most five gridlines, and the top gridline at or above max.
+function axis(max, unit) {
+  if (!(max > 0)) return { top: 1, step: 0.25 };
+  const bytes = unit === "B" || unit === "B/s";
+  let scale = 1;
+  if (bytes) while (max / scale >= 1024) scale *= 1024;
+  const raw = max / scale / 4;
+  const p = Math.pow(10, Math.floor(Math.log10(raw)));
+  const m = [1, 2, 5, 10].find((k) => k * p >= raw);
+  const step = m * p * scale;
+  return { top: Math.ceil(max / step - 1e-9) * step, step };
 }
 
 function buildCharts() {
@@ -110,7 +117,7 @@ function draw(chart) {
     const v = s[key];
     if (v !== null && v !== undefined && v > max) max = v;
   }
-  const top = niceMax(max);
+  const { top, step: ystep } = axis(max, def.unit);
   const L = 62, R = 8, T = 6, B = 18;
   const pw = w - L - R, ph = h - T - B;
   const x = (t) => L + ((t - start) / (end - start || 1)) * pw;
@@ -122,8 +129,8 @@ function draw(chart) {
   g.fillStyle = "#8592a3";
   g.textAlign = "right";
   g.textBaseline = "middle";
-  for (let i = 0; i <= 4; i++) {
-    const v = (top * i) / 4;
+  for (let i = 0; i * ystep <= top * (1 + 1e-9) && i <= 10; i++) {
+    const v = i * ystep;
     const yy = Math.round(y(v)) + 0.5;
     g.beginPath(); g.moveTo(L, yy); g.lineTo(L + pw, yy); g.stroke();
     g.fillText(fmt(v, def.unit), L - 4, yy);
