@@ -16,7 +16,8 @@
 //!   [`WorkerCommand`]) and merges their counts and histograms;
 //!   [`run_worker`] is the worker's side.
 //! - `probe` samples the server through a STATS control connection or its
-//!   pid; `report` assembles and prints the [`StressReport`].
+//!   pid; `report` assembles and prints the [`StressReport`], `html`
+//!   draws it as a page with charts.
 //!
 //! Every run is bounded in time: the load stops at the end of its duration
 //! (computed for interval mode when not given), replies get a bounded
@@ -24,6 +25,7 @@
 //! outlive all that are killed.
 
 mod content;
+mod html;
 mod load;
 mod probe;
 mod procs;
