@@ -190,7 +190,7 @@ function tiles(st) {
   const lat = st.latency || {};
   const items = [
     ["backend", `${st.backend} · ${st.protocol}`],
-    ["ports × workers", `${st.ports} × ${st.workers / st.ports}`],
+    ["ports / workers", `${st.ports} / ${st.workers}`],
     ["uptime", duration(st.uptime_s)],
     ["connections open", fmt(st.connections_open, "")],
     ["accepted", fmt(st.connections_accepted, "")],
