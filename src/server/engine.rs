@@ -726,6 +726,12 @@ impl Shared {
         &self.ports[id.port()].port
     }
 
+    /// Whether the connection's port has a single worker, which alone may
+    /// use multishot receives (see `conn::progress`).
+    pub(crate) fn single_worker(&self, id: ConnId) -> bool {
+        self.ports[id.port()].workers == 1
+    }
+
     fn outstanding(&self) -> usize {
         self.ports.iter().map(|p| p.port.outstanding()).sum()
     }
@@ -1076,7 +1082,10 @@ impl Shared {
             return;
         }
         match c.outcome {
-            Outcome::Received(r) => conn::on_recv_done(self, &conn, &mut st, r),
+            Outcome::Received(r) => conn::on_recv_done(self, &conn, &mut st, r, false),
+            Outcome::ReceivedMulti { result, more } => {
+                conn::on_recv_done(self, &conn, &mut st, result, more)
+            }
             Outcome::Sent { result, bufs } => conn::on_sent(self, &mut st, result, bufs),
             Outcome::SentFile { result, .. } => conn::on_sent_file(self, &mut st, result),
             Outcome::Connected { result, .. } => {

@@ -183,6 +183,9 @@ pub(crate) struct Backend {
     eventfd: OwnedFd,
     /// Registered-file table for direct sockets, if set up.
     files: Option<Arc<FileTable>>,
+    /// The kernel has multishot receive (Linux 6.0); without it a
+    /// `RecvMulti` runs as a single receive.
+    multishot_recv: bool,
 }
 
 impl std::fmt::Debug for Backend {
@@ -253,6 +256,7 @@ impl Backend {
             bufs,
             eventfd,
             files,
+            multishot_recv: super::linux::kernel_at_least(6, 0),
         };
         backend.arm_wake()?;
         Ok(backend)
@@ -352,7 +356,7 @@ impl Backend {
             // Build the SQE while the box is already at its final address.
             let boxed = entry.insert(inflight);
             let ud = ((generation as u64) << 32) | idx as u64;
-            let sqe = match build_sqe(boxed, &self.bufs, ud) {
+            let sqe = match build_sqe(boxed, &self.bufs, self.multishot_recv, ud) {
                 Ok(s) => s,
                 Err(e) => {
                     ops.slab.remove(idx);
@@ -489,11 +493,18 @@ impl Backend {
                         continue;
                     }
                     if cqueue::more(flags) {
-                        // A multishot accept stays armed: keep the op.
+                        // A multishot accept or receive stays armed: keep
+                        // the op.
                         let key = ops.slab[idx].key;
-                        let outcome = Outcome::Accepted {
-                            result: accepted(res),
-                            more: true,
+                        let outcome = match ops.slab[idx].op {
+                            Op::RecvMulti { .. } => Outcome::ReceivedMulti {
+                                result: self.received(res, flags),
+                                more: true,
+                            },
+                            _ => Outcome::Accepted {
+                                result: accepted(res),
+                                more: true,
+                            },
                         };
                         out.push_back(Completion {
                             key,
@@ -533,26 +544,11 @@ impl Backend {
                 result: accepted(res),
                 more: false,
             },
-            Op::Recv { .. } => {
-                let buf = cqueue::buffer_select(flags).map(|bid| {
-                    self.bufs.lent();
-                    RecvBuf::new(self.bufs.clone(), bid as u32, res.max(0) as usize)
-                });
-                if res < 0 {
-                    drop(buf);
-                    Outcome::Received(Err(errno(res)))
-                } else if res == 0 {
-                    drop(buf);
-                    Outcome::Received(Ok(RecvBuf::eof()))
-                } else {
-                    match buf {
-                        Some(b) => Outcome::Received(Ok(b)),
-                        None => Outcome::Received(Err(io::Error::other(
-                            "receive completed without a buffer",
-                        ))),
-                    }
-                }
-            }
+            Op::Recv { .. } => Outcome::Received(self.received(res, flags)),
+            Op::RecvMulti { .. } => Outcome::ReceivedMulti {
+                result: self.received(res, flags),
+                more: false,
+            },
             Op::Send { bufs, .. } => Outcome::Sent {
                 result: if res < 0 {
                     Err(errno(res))
@@ -584,6 +580,24 @@ impl Backend {
                 )),
                 r => Err(errno(r)),
             }),
+        }
+    }
+
+    /// A receive's result: the pooled buffer the kernel picked (leased to
+    /// the caller), EOF as an empty buffer, or the error.
+    fn received(&self, res: i32, flags: u32) -> io::Result<RecvBuf> {
+        let buf = cqueue::buffer_select(flags).map(|bid| {
+            self.bufs.lent();
+            RecvBuf::new(self.bufs.clone(), bid as u32, res.max(0) as usize)
+        });
+        if res < 0 {
+            drop(buf);
+            Err(errno(res))
+        } else if res == 0 {
+            drop(buf);
+            Ok(RecvBuf::eof())
+        } else {
+            buf.ok_or_else(|| io::Error::other("receive completed without a buffer"))
         }
     }
 
@@ -651,12 +665,27 @@ fn accepted(res: i32) -> io::Result<Socket> {
 }
 
 /// Builds the SQE for an op already at its final (boxed) address.
-fn build_sqe(f: &mut InFlight, bufs: &BufRing, ud: u64) -> io::Result<squeue::Entry> {
+fn build_sqe(
+    f: &mut InFlight,
+    bufs: &BufRing,
+    multishot_recv: bool,
+    ud: u64,
+) -> io::Result<squeue::Entry> {
     let sqe = match &f.op {
         Op::Accept { listener } => opcode::AcceptMulti::new(types::Fd(listener.as_raw_fd()))
             .flags(libc::SOCK_CLOEXEC)
             .build(),
         Op::Recv { socket } => {
+            on_sock!(socket, t => opcode::Recv::new(t, std::ptr::null_mut(), bufs.buf_size())
+            .buf_group(BGID)
+            .build()
+            .flags(squeue::Flags::BUFFER_SELECT))
+        }
+        Op::RecvMulti { socket } if multishot_recv => {
+            on_sock!(socket, t => opcode::RecvMulti::new(t, BGID).build())
+        }
+        // Before Linux 6.0: one receive, finished as `more == false`.
+        Op::RecvMulti { socket } => {
             on_sock!(socket, t => opcode::Recv::new(t, std::ptr::null_mut(), bufs.buf_size())
             .buf_group(BGID)
             .build()
