@@ -22,6 +22,7 @@ mod fallback;
 mod port;
 mod protocol;
 mod raw;
+mod ring_limits;
 mod scale;
 mod services;
 mod shutdown;

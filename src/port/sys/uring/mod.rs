@@ -17,7 +17,7 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use io_uring::{IoUring, cqueue, opcode, squeue, types};
@@ -26,7 +26,7 @@ use socket2::{SockAddr, Socket};
 
 use crate::buf::RecvBuf;
 use crate::op::{Completion, DirectSocket, DirectTable, MAX_SEND_BUFS, Op, OpId, Outcome, Sock};
-use crate::port::PortConfig;
+use crate::port::{PortConfig, RingStats};
 
 use bufring::BufRing;
 
@@ -183,6 +183,12 @@ pub(crate) struct Backend {
     eventfd: OwnedFd,
     /// Registered-file table for direct sockets, if set up.
     files: Option<Arc<FileTable>>,
+    /// The kernel's count of dropped completions, as last seen by the leader.
+    cq_overflow: AtomicU64,
+    /// Reaps that found the completion queue full.
+    cq_full: AtomicU64,
+    /// Pushes that found the submission queue full.
+    sq_full: AtomicU64,
 }
 
 impl std::fmt::Debug for Backend {
@@ -199,9 +205,9 @@ fn errno(res: i32) -> io::Error {
 
 impl Backend {
     pub(crate) fn new(cfg: &PortConfig) -> io::Result<Backend> {
-        let entries = cfg.entries.clamp(64, 32768);
+        let (entries, cq_entries) = ring_sizes(cfg)?;
         let mut builder = IoUring::builder();
-        builder.setup_cqsize(entries * 4).setup_submit_all();
+        builder.setup_cqsize(cq_entries).setup_submit_all();
         if cfg.single_worker {
             // The one worker is either running (and enters the kernel soon)
             // or waiting in the kernel, so task work need not interrupt it.
@@ -209,7 +215,7 @@ impl Backend {
         }
         let ring = builder
             .build(entries)
-            .or_else(|_| IoUring::builder().setup_cqsize(entries * 4).build(entries))
+            .or_else(|_| IoUring::builder().setup_cqsize(cq_entries).build(entries))
             .map_err(|e| io::Error::new(e.kind(), format!("io_uring_setup failed: {e}")))?;
         probe(&ring)?;
         // SAFETY: eventfd has no memory-safety preconditions; the result is
@@ -253,6 +259,9 @@ impl Backend {
             bufs,
             eventfd,
             files,
+            cq_overflow: AtomicU64::new(0),
+            cq_full: AtomicU64::new(0),
+            sq_full: AtomicU64::new(0),
         };
         backend.arm_wake()?;
         Ok(backend)
@@ -322,6 +331,7 @@ impl Backend {
             if pushed {
                 return Ok(());
             }
+            self.sq_full.fetch_add(1, Ordering::Relaxed);
             match self.ring.submit() {
                 Ok(_) => {}
                 Err(e) if e.raw_os_error() == Some(libc::EBUSY) => std::thread::yield_now(),
@@ -432,6 +442,13 @@ impl Backend {
         unsafe {
             let mut cq = self.ring.completion_shared();
             cq.sync();
+            if cq.is_full() {
+                // Completions beyond this wait in the kernel's overflow
+                // list; the next `io_uring_enter` moves them in.
+                self.cq_full.fetch_add(1, Ordering::Relaxed);
+            }
+            self.cq_overflow
+                .store(u64::from(cq.overflow()), Ordering::Relaxed);
             for cqe in &mut cq {
                 raw.push((cqe.user_data(), cqe.result(), cqe.flags()));
             }
@@ -602,6 +619,49 @@ impl Backend {
     pub(crate) fn bufs_leased(&self) -> usize {
         self.bufs.leased()
     }
+
+    pub(crate) fn ring_stats(&self) -> RingStats {
+        RingStats {
+            cq_overflow: self.cq_overflow.load(Ordering::Relaxed),
+            cq_full: self.cq_full.load(Ordering::Relaxed),
+            sq_full: self.sq_full.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// The environment variable that overrides ring sizes (`SQ` or `SQ:CQ`),
+/// for tests of full queues.
+const RING_ENTRIES_ENV: &str = "CPORT_RING_ENTRIES";
+
+/// Submission- and completion-queue sizes: `CPORT_RING_ENTRIES` if set,
+/// else the config (the completion queue four times the submission queue
+/// unless given). The kernel rounds both up to powers of two and needs the
+/// completion queue at least as large.
+fn ring_sizes(cfg: &PortConfig) -> io::Result<(u32, u32)> {
+    let (sq, cq) = match std::env::var(RING_ENTRIES_ENV) {
+        Ok(v) if !v.trim().is_empty() => parse_ring_entries(v.trim()).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "{RING_ENTRIES_ENV}={v:?} is not valid: write SQ or SQ:CQ, \
+                     e.g. 8:16 (1 to 32768 entries each)"
+                ),
+            )
+        })?,
+        _ => (cfg.entries, cfg.cq_entries),
+    };
+    let sq = sq.clamp(1, 32768);
+    let cq = if cq == 0 { sq * 4 } else { cq.clamp(sq, 65536) };
+    Ok((sq, cq))
+}
+
+fn parse_ring_entries(v: &str) -> Option<(u32, u32)> {
+    let (sq, cq) = match v.split_once(':') {
+        Some((a, b)) => (a.parse().ok()?, b.parse().ok()?),
+        None => (v.parse().ok()?, 0),
+    };
+    let ok = |n: u32| (1..=32768).contains(&n);
+    (ok(sq) && (cq == 0 || ok(cq))).then_some((sq, cq))
 }
 
 /// Checks, with IORING_REGISTER_PROBE, that the kernel knows every opcode
