@@ -20,6 +20,7 @@ mod client;
 mod echo;
 mod engine;
 mod fallback;
+mod hostile;
 mod port;
 mod protocol;
 mod raw;
