@@ -175,8 +175,9 @@ struct Ops {
 pub(crate) struct Backend {
     ring: IoUring,
     /// Serialises pushes to the submission queue (the kernel's SQ is
-    /// single-producer).
-    sq: Mutex<()>,
+    /// single-producer), and holds the entries that found it full, in
+    /// order, until a worker hands them to the kernel (see `push`).
+    sq: Mutex<VecDeque<squeue::Entry>>,
     ops: Mutex<Ops>,
     outstanding: AtomicUsize,
     bufs: Arc<BufRing>,
@@ -250,7 +251,7 @@ impl Backend {
         };
         let backend = Backend {
             ring,
-            sq: Mutex::new(()),
+            sq: Mutex::new(VecDeque::new()),
             ops: Mutex::new(Ops {
                 slab: Slab::new(),
                 next_gen: 1,
@@ -313,12 +314,17 @@ impl Backend {
         self.push(&sqe)
     }
 
-    /// Pushes one SQE. If the queue is full, what is queued is handed to the
-    /// kernel first (any thread may do that much: the entries were pushed by
-    /// workers or will be owned by whoever enters; see module docs).
+    /// Pushes one SQE. If the queue is full (or entries already wait
+    /// behind it), the entry waits in the backlog, in order, until a worker
+    /// moves it into the ring in `flush` or `wait`. The pushing thread
+    /// never enters the kernel itself: io_uring ties a request to the task
+    /// that submits it and cancels it when that task exits, so a passing
+    /// thread that submitted a full queue would take every queued request
+    /// down with it when it ends (test:
+    /// `a_full_submission_queue_is_not_submitted_by_a_passing_thread`).
     fn push(&self, sqe: &squeue::Entry) -> io::Result<()> {
-        let _g = self.sq.lock().unwrap_or_else(|e| e.into_inner());
-        for _ in 0..1000 {
+        let mut backlog = self.sq.lock().unwrap_or_else(|e| e.into_inner());
+        if backlog.is_empty() {
             // SAFETY: `sq` is held, so this is the only submission-queue
             // handle alive; the SQE's pointers are into a boxed `InFlight`
             // (or nothing) that stays alive until its completion is reaped.
@@ -331,18 +337,47 @@ impl Backend {
             if pushed {
                 return Ok(());
             }
-            self.sq_full.fetch_add(1, Ordering::Relaxed);
+        }
+        self.sq_full.fetch_add(1, Ordering::Relaxed);
+        backlog.push_back(sqe.clone());
+        Ok(())
+    }
+
+    /// Moves the backlog into the ring, submitting whenever the ring is
+    /// full. Worker threads only (they are the tasks that own requests).
+    fn drain_backlog(&self, backlog: &mut VecDeque<squeue::Entry>) -> io::Result<()> {
+        for _ in 0..1_000_000 {
+            if backlog.is_empty() {
+                return Ok(());
+            }
+            // SAFETY: the caller holds `sq`, so this is the only
+            // submission-queue handle; the entries point into boxed
+            // `InFlight`s that live until their completions are reaped.
+            unsafe {
+                let mut sq = self.ring.submission_shared();
+                while let Some(e) = backlog.front() {
+                    if sq.push(e).is_err() {
+                        break;
+                    }
+                    backlog.pop_front();
+                }
+                sq.sync();
+            }
+            if backlog.is_empty() {
+                return Ok(());
+            }
             match self.ring.submit() {
                 Ok(_) => {}
-                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => std::thread::yield_now(),
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                // The kernel cannot take more now: the rest waits for the
+                // next `flush` or `wait`.
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EBUSY) | Some(libc::EAGAIN)) => {
+                    return Ok(());
+                }
                 Err(e) => return Err(e),
             }
         }
-        Err(io::Error::new(
-            io::ErrorKind::WouldBlock,
-            "io_uring submission queue stayed full",
-        ))
+        Ok(())
     }
 
     pub(crate) fn submit(&self, key: u64, op: Op) -> io::Result<OpId> {
@@ -387,7 +422,8 @@ impl Backend {
     }
 
     pub(crate) fn flush(&self) -> io::Result<()> {
-        let _g = self.sq.lock().unwrap_or_else(|e| e.into_inner());
+        let mut backlog = self.sq.lock().unwrap_or_else(|e| e.into_inner());
+        self.drain_backlog(&mut backlog)?;
         // SAFETY: `sq` is held, so this is the only submission-queue handle.
         if unsafe { self.ring.submission_shared().is_empty() } {
             return Ok(());
@@ -411,6 +447,10 @@ impl Backend {
         timeout: Option<Duration>,
         out: &mut VecDeque<Completion>,
     ) -> io::Result<()> {
+        {
+            let mut backlog = self.sq.lock().unwrap_or_else(|e| e.into_inner());
+            self.drain_backlog(&mut backlog)?;
+        }
         let res = match timeout {
             Some(t) => {
                 let ts = types::Timespec::new()
