@@ -762,6 +762,12 @@ impl Shared {
             ..StatsSnapshot::default()
         };
         self.stats.fill(&mut s);
+        for p in &self.ports {
+            let r = p.port.ring_stats();
+            s.cq_overflow += r.cq_overflow;
+            s.cq_full += r.cq_full;
+            s.sq_full += r.sq_full;
+        }
         if let Some(u) = crate::port::sys::process_usage() {
             s.cpu_s = Some(u.cpu.as_secs_f64());
             s.rss_bytes = Some(u.rss);

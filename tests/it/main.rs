@@ -13,15 +13,18 @@
 mod util;
 
 mod bad_input;
+mod cancel_race;
 mod chat;
 mod cli;
 mod client;
 mod echo;
 mod engine;
 mod fallback;
+mod hostile;
 mod port;
 mod protocol;
 mod raw;
+mod ring_limits;
 mod scale;
 mod services;
 mod shutdown;
