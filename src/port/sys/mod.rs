@@ -71,6 +71,8 @@ use crate::port::{BackendKind, PortConfig};
 
 /// The backend a port runs on.
 #[derive(Debug)]
+// One per port, so the size of the larger variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Backend {
     /// io_uring.
     Uring(uring::Backend),
