@@ -35,31 +35,65 @@ fn quiet_outstanding(ctl: &mut TcpStream) -> u64 {
     stat_u64(&v, "outstanding_ops")
 }
 
-/// A peer that vanishes while idle is reaped by TCP keepalive alone
+/// Peers that vanish at once in each vanish test.
+const VANISHING: u64 = 100;
+
+/// `VANISHING` peers connect over the veth, each does a PING round trip,
+/// then the link goes down under them. Waits until the server has reaped
+/// them all and checks they were counted as `reason`; returns the time
+/// from each peer's last byte to the last one's reaping, and the server's
+/// CPU use meanwhile (it must wait, not spin).
+fn vanish(test: &str, args: &[&str], reason: &str) -> Option<(Duration, f64)> {
+    let net = NetPair::or_skip(test)?;
+    let mut srv = net.start_server(args);
+    let mut ctl = net.connect_control(port(&srv));
+    let base = quiet_outstanding(&mut ctl);
+    let mut peers: Vec<TcpStream> = (0..VANISHING)
+        .map(|_| net.connect_over_veth(port(&srv)))
+        .collect();
+    for (i, s) in peers.iter_mut().enumerate() {
+        let body = (i as u32).to_be_bytes();
+        write_frame(s, CMD_PING, &body).unwrap();
+        assert_eq!(expect_frame(s, "PONG"), (CMD_PONG, body.to_vec()));
+    }
+    let silent_since = Instant::now();
+    let cpu0 = srv.cpu_time().unwrap_or_default();
+    net.client_link_down();
+    let (v, _) = wait_stats_for(&mut ctl, LIMIT, "every vanished peer reaped", |v| {
+        stat_u64(v, "connections_open") == 1
+    });
+    let took = silent_since.elapsed();
+    let cpu = (srv.cpu_time().unwrap_or_default().saturating_sub(cpu0)).as_secs_f64()
+        / took.as_secs_f64()
+        * 100.0;
+    assert_eq!(
+        closed_by(&v, reason),
+        VANISHING,
+        "every vanished peer must be counted as {reason}: {v}"
+    );
+    assert_eq!(closed_total(&v), VANISHING, "{v}");
+    wait_stats_for(&mut ctl, LIMIT, "outstanding ops back to baseline", |v| {
+        stat_u64(v, "outstanding_ops") == base
+    });
+    drop(ctl);
+    drop(peers);
+    srv.stop_checked(VANISHING + 1);
+    Some((took, cpu))
+}
+
+/// Peers that vanish while idle are reaped by TCP keepalive alone
 /// (`--idle-timeout 0`): keepalive 1 s means the first probe after 1 s of
 /// silence, 3 probes 1 s apart, and TCP_USER_TIMEOUT 4 s.
 #[test]
 fn vanished_peer_reaped_by_keepalive() {
-    let Some(net) = NetPair::or_skip("vanished_peer_reaped_by_keepalive") else {
+    let args = ["--idle-timeout", "0", "--keepalive", "1s"];
+    let Some((took, cpu)) = vanish("vanished_peer_reaped_by_keepalive", &args, "reset") else {
         return;
     };
-    let mut srv = net.start_server(&["--idle-timeout", "0", "--keepalive", "1s"]);
-    let mut ctl = net.connect_control(port(&srv));
-    let base = quiet_outstanding(&mut ctl);
-    let mut s = net.connect_over_veth(port(&srv));
-    write_frame(&mut s, CMD_PING, b"here").unwrap();
-    assert_eq!(expect_frame(&mut s, "PONG"), (CMD_PONG, b"here".to_vec()));
-
-    net.client_link_down();
-    let (v, took) = wait_stats_for(&mut ctl, LIMIT, "the vanished peer reaped", |v| {
-        stat_u64(v, "connections_open") == 1
-    });
     eprintln!(
-        "[fault] vanished idle peer reaped by keepalive in {:.1} s (idle-timeout off, keepalive 1s: 1 s + 3 probes x 1 s)",
+        "[fault] {VANISHING} vanished idle peers reaped by keepalive within {:.1} s of their last byte (idle-timeout off, keepalive 1s: 1 s + 3 probes x 1 s); server CPU meanwhile {cpu:.1}%",
         took.as_secs_f64()
     );
-    assert_eq!(closed_by(&v, "reset"), 1, "close reason must be reset: {v}");
-    assert_eq!(closed_total(&v), 1, "{v}");
     assert!(
         took >= Duration::from_secs(2),
         "reaped after {took:?}: before keepalive could have decided"
@@ -68,54 +102,30 @@ fn vanished_peer_reaped_by_keepalive() {
         took <= Duration::from_secs(15),
         "reaped only after {took:?}"
     );
-    let (_, _) = wait_stats_for(&mut ctl, LIMIT, "outstanding ops back to baseline", |v| {
-        stat_u64(v, "outstanding_ops") == base
-    });
-    drop(ctl);
-    srv.stop_checked(2);
 }
 
-/// A peer that vanishes while idle is reaped by the idle timeout
-/// (keepalive off): ERROR 6 is queued, the linger (1 s) gives up since
-/// nothing answers, and the slot is freed.
+/// Peers that vanish while idle are reaped by the idle timeout (keepalive
+/// off): ERROR 6 is queued, the linger (1 s) gives up since nothing
+/// answers, and the slot is freed.
 #[test]
 fn vanished_peer_reaped_by_idle_timeout() {
-    let Some(net) = NetPair::or_skip("vanished_peer_reaped_by_idle_timeout") else {
+    let args = ["--idle-timeout", "2s", "--keepalive", "0"];
+    let Some((took, cpu)) = vanish(
+        "vanished_peer_reaped_by_idle_timeout",
+        &args,
+        "idle_timeout",
+    ) else {
         return;
     };
-    let mut srv = net.start_server(&["--idle-timeout", "2s", "--keepalive", "0"]);
-    let mut ctl = net.connect_control(port(&srv));
-    let base = quiet_outstanding(&mut ctl);
-    let mut s = net.connect_over_veth(port(&srv));
-    write_frame(&mut s, CMD_PING, b"here").unwrap();
-    assert_eq!(expect_frame(&mut s, "PONG"), (CMD_PONG, b"here".to_vec()));
-    let silent_since = Instant::now();
-
-    net.client_link_down();
-    let (v, _) = wait_stats_for(&mut ctl, LIMIT, "the vanished peer reaped", |v| {
-        stat_u64(v, "connections_open") == 1
-    });
-    let took = silent_since.elapsed();
     eprintln!(
-        "[fault] vanished idle peer reaped by the idle timeout {:.1} s after its last byte (idle-timeout 2s, keepalive off)",
+        "[fault] {VANISHING} vanished idle peers reaped by the idle timeout within {:.1} s of their last byte (idle-timeout 2s, keepalive off); server CPU meanwhile {cpu:.1}%",
         took.as_secs_f64()
     );
-    assert_eq!(
-        closed_by(&v, "idle_timeout"),
-        1,
-        "close reason must be idle_timeout: {v}"
-    );
-    assert_eq!(closed_total(&v), 1, "{v}");
     assert!(took >= Duration::from_secs(2), "reaped after {took:?}");
     assert!(
         took <= Duration::from_secs(15),
         "reaped only after {took:?}"
     );
-    wait_stats_for(&mut ctl, LIMIT, "outstanding ops back to baseline", |v| {
-        stat_u64(v, "outstanding_ops") == base
-    });
-    drop(ctl);
-    srv.stop_checked(2);
 }
 
 /// Pipelined ECHO and PING frames of mixed sizes through `toxics`, every
