@@ -121,7 +121,12 @@ pub(crate) struct ConnState {
     files_queued: usize,
     pub(crate) queued: usize,
     pub(crate) send_op: Option<OpId>,
+    /// The multishot receive, armed until it ends (EOF, error, empty pool
+    /// or cancel).
     pub(crate) recv_op: Option<OpId>,
+    /// `recv_op` was cancelled because reading must stop; its final
+    /// completion (`ECANCELED`) is expected, not an error.
+    recv_cancelled: bool,
     pub(crate) connect_op: Option<OpId>,
     /// Keys of this connection's armed timers in its port's timer queue.
     timers: Vec<TimerKey>,
@@ -157,6 +162,7 @@ impl ConnState {
             queued: 0,
             send_op: None,
             recv_op: None,
+            recv_cancelled: false,
             connect_op: None,
             timers: Vec::new(),
             read_eof: false,
@@ -436,13 +442,23 @@ pub(crate) fn progress(shared: &Shared, conn: &Conn, st: &mut ConnState) {
         && !over_cap
         && !st.retry_wait
         && (st.closing.is_none() || st.linger);
+    if let (false, Some(op), false) = (want_recv, st.recv_op, st.recv_cancelled) {
+        // Stop reading: what arrives before the cancel lands is still
+        // handled (it is bounded by the socket's receive buffer).
+        st.recv_cancelled = true;
+        let _ = port.cancel(op);
+    }
     if want_recv && st.recv_op.is_none() {
-        match port.submit(
-            conn.id.key(),
-            Op::Recv {
-                socket: conn.socket.clone(),
-            },
-        ) {
+        // A multishot receive hands out one completion per arrival, so two
+        // workers of one port could take two of them at once and handle
+        // them out of order: only a port with a single worker uses it.
+        let socket = conn.socket.clone();
+        let op = if shared.single_worker(conn.id) {
+            Op::RecvMulti { socket }
+        } else {
+            Op::Recv { socket }
+        };
+        match port.submit(conn.id.key(), op) {
             Ok(id) => st.recv_op = Some(id),
             Err(e) => {
                 st.close(
@@ -657,8 +673,13 @@ pub(crate) fn on_recv_done(
     conn: &Conn,
     st: &mut ConnState,
     result: io::Result<crate::buf::RecvBuf>,
+    more: bool,
 ) {
-    st.recv_op = None;
+    let mut cancelled = false;
+    if !more {
+        st.recv_op = None;
+        cancelled = std::mem::take(&mut st.recv_cancelled);
+    }
     match result {
         Ok(buf) if !buf.is_empty() => on_received(shared, conn, st, &buf),
         Ok(_) => {
@@ -670,6 +691,8 @@ pub(crate) fn on_recv_done(
                 None,
             );
         }
+        // We stopped reading on purpose; `progress` re-arms when it may.
+        Err(e) if cancelled && e.raw_os_error() == Some(libc::ECANCELED) => {}
         Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
             // The pool is empty for a moment: try again shortly instead of
             // spinning.

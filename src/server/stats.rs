@@ -138,6 +138,14 @@ pub struct StatsSnapshot {
     pub outstanding_ops: u64,
     /// Pooled receive buffers lent out in all ports.
     pub bufs_leased: u64,
+    /// Completions the kernel dropped for a full completion queue, in all
+    /// ports (io_uring's `cq_overflow`; must stay 0).
+    pub cq_overflow: u64,
+    /// Reaps that found a completion queue full (the rest waited in the
+    /// kernel's overflow list, not lost).
+    pub cq_full: u64,
+    /// Submissions that found a submission queue full.
+    pub sq_full: u64,
     /// Seconds since the engine started.
     pub uptime_s: f64,
     /// Process CPU time in seconds, when readable.

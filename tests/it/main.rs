@@ -13,6 +13,7 @@
 mod util;
 
 mod bad_input;
+mod cancel_race;
 mod chat;
 mod cli;
 mod client;
@@ -21,9 +22,11 @@ mod engine;
 mod fallback;
 mod fault;
 mod netpath;
+mod hostile;
 mod port;
 mod protocol;
 mod raw;
+mod ring_limits;
 mod scale;
 mod services;
 mod shutdown;
