@@ -140,7 +140,8 @@ pub(crate) struct ConnState {
     linger: bool,
     shut: bool,
     pub(crate) finalized: bool,
-    /// When bytes last arrived (for the idle timeout).
+    /// When bytes last arrived or a send last made progress (for the idle
+    /// timeout: a connection receiving a long reply is not idle).
     last_activity: Instant,
     /// The flush deadline of a closing connection is armed.
     flush_deadline: bool,
@@ -551,6 +552,9 @@ pub(crate) fn on_sent(
         Ok(n) => {
             st.bytes_out += n as u64;
             shared.stats.bytes_out(n);
+            if n > 0 {
+                st.last_activity = Instant::now();
+            }
             st.unqueue(shared, n);
             // Put back what the kernel did not take, in order.
             let mut skip = n;
@@ -605,6 +609,7 @@ pub(crate) fn on_sent_file(shared: &Shared, st: &mut ConnState, result: io::Resu
         Ok(n) => {
             st.bytes_out += n as u64;
             shared.stats.bytes_out(n);
+            st.last_activity = Instant::now();
             if n < len && !st.shut && (st.closing.is_none() || st.draining) {
                 st.sendq.push_front(Chunk::File {
                     file,
@@ -750,7 +755,7 @@ pub(crate) fn on_internal_timer(shared: &Shared, conn: &Conn, st: &mut ConnState
                 ctx.send_error(
                     frame::code::IDLE_TIMEOUT,
                     &format!(
-                        "idle timeout: nothing received for {}s",
+                        "idle timeout: nothing sent or received for {}s",
                         limit.as_secs_f64()
                     ),
                 );

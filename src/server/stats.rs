@@ -12,7 +12,9 @@ pub enum CloseReason {
     /// The peer closed its side (EOF).
     PeerClosed,
     /// The peer reset the connection or vanished (ECONNRESET, EPIPE,
-    /// ETIMEDOUT; ERROR_NETNAME_DELETED on Windows).
+    /// ETIMEDOUT, and EHOSTUNREACH/ENETUNREACH/ENETDOWN, which is how TCP
+    /// reports giving up on a peer whose link died; ERROR_NETNAME_DELETED
+    /// on Windows).
     Reset,
     /// A declared frame length was over the limit.
     FrameTooLarge,
@@ -72,7 +74,9 @@ impl CloseReason {
         use std::io::ErrorKind::*;
         match e.kind() {
             ConnectionReset | ConnectionAborted | BrokenPipe | TimedOut | UnexpectedEof
-            | NotConnected => CloseReason::Reset,
+            | NotConnected | HostUnreachable | NetworkUnreachable | NetworkDown => {
+                CloseReason::Reset
+            }
             _ => CloseReason::Error,
         }
     }
@@ -221,5 +225,36 @@ impl Stats {
         s.unknown_commands = l(&self.unknown_cmds);
         s.accept_errors = l(&self.accept_errors);
         s.late_completions = l(&self.late_completions);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::CloseReason;
+    use std::io::Error;
+
+    /// A peer whose link died ends with EHOSTUNREACH (TCP's soft error when
+    /// neighbour discovery fails) as often as with ETIMEDOUT: both are a
+    /// vanished peer, not a server error (found by the fault tests).
+    #[test]
+    fn a_vanished_peer_is_a_reset() {
+        for errno in [
+            libc::ECONNRESET,
+            libc::EPIPE,
+            libc::ETIMEDOUT,
+            libc::EHOSTUNREACH,
+            libc::ENETUNREACH,
+            libc::ENETDOWN,
+        ] {
+            assert_eq!(
+                CloseReason::from_error(&Error::from_raw_os_error(errno)),
+                CloseReason::Reset,
+                "errno {errno}"
+            );
+        }
+        assert_eq!(
+            CloseReason::from_error(&Error::from_raw_os_error(libc::EINVAL)),
+            CloseReason::Error
+        );
     }
 }
