@@ -18,6 +18,7 @@
 #![deny(missing_docs, missing_debug_implementations, rust_2018_idioms)]
 #![warn(clippy::undocumented_unsafe_blocks)]
 
+pub mod bench;
 pub mod buf;
 pub mod chart;
 pub mod client;
