@@ -13,6 +13,7 @@
 mod util;
 
 mod bad_input;
+mod bench;
 mod chat;
 mod cli;
 mod client;
