@@ -14,6 +14,7 @@ mod util;
 
 mod bad_input;
 mod cancel_race;
+mod bench;
 mod chat;
 mod cli;
 mod client;
