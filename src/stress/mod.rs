@@ -119,6 +119,11 @@ pub struct StressConfig {
     /// Processes to spread the connections over (`None`: as many as the
     /// descriptor limit needs, see [`plan`]).
     pub procs: Option<usize>,
+    /// Speak raw echo instead of ECHO frames: each message is `size` bytes
+    /// sent as they are, and the same bytes must come back (for
+    /// `cport server --protocol raw` and any other echo server).
+    #[serde(default)]
+    pub raw: bool,
 }
 
 impl Default for StressConfig {
@@ -140,6 +145,7 @@ impl Default for StressConfig {
             threads: 1,
             backend: BackendKind::Auto,
             procs: None,
+            raw: false,
         }
     }
 }
@@ -181,6 +187,11 @@ impl StressConfig {
                 "--size {} is over the {MAX_SIZE}-byte limit (the server's default --max-frame is 1MiB)",
                 self.size
             ));
+        }
+        if self.raw && self.size == 0 {
+            return Err(
+                "--size must be at least 1 byte in raw mode (an empty echo cannot be seen)".into(),
+            );
         }
         if self.window == 0 {
             return Err("--window must be at least 1".into());
