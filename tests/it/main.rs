@@ -12,9 +12,10 @@
 
 mod util;
 
+mod admin;
 mod bad_input;
-mod cancel_race;
 mod bench;
+mod cancel_race;
 mod chat;
 mod cli;
 mod client;
@@ -22,8 +23,8 @@ mod echo;
 mod engine;
 mod fallback;
 mod fault;
-mod netpath;
 mod hostile;
+mod netpath;
 mod port;
 mod protocol;
 mod raw;
