@@ -23,16 +23,24 @@
 //! is behind [`sys`]'s backend contract. See docs/DESIGN.md for the life of
 //! an operation and why only worker threads enter the kernel.
 
+#[cfg(loom)]
+mod model;
 pub mod sys;
 
+// The port's scheduling runs on the OS backend, or on a model kernel when
+// loom checks it (`--cfg loom`, see `model`).
+#[cfg(loom)]
+use model::Backend;
+#[cfg(not(loom))]
+use sys::Backend;
+
+use crate::sync::thread::{self, Thread};
+use crate::sync::{Arc, AtomicBool, Mutex, MutexGuard, Ordering};
 use std::cell::Cell;
 use std::collections::VecDeque;
 use std::fmt;
 use std::io;
 use std::marker::PhantomData;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::thread::{self, Thread};
 use std::time::{Duration, Instant};
 
 use socket2::Socket;
@@ -154,7 +162,7 @@ pub struct CompletionPort {
 }
 
 struct Inner {
-    sys: sys::Backend,
+    sys: Backend,
     state: Mutex<State>,
     concurrency: usize,
 }
@@ -176,7 +184,7 @@ struct Waiter {
     notified: AtomicBool,
 }
 
-thread_local! {
+crate::sync::thread_local! {
     /// The port whose worker runs on this thread (address of its `Inner`).
     static WORKER_OF: Cell<usize> = const { Cell::new(0) };
 }
@@ -194,7 +202,7 @@ impl fmt::Debug for CompletionPort {
 impl CompletionPort {
     /// Creates a port on the backend `config.backend` asks for.
     pub fn new(config: &PortConfig) -> io::Result<CompletionPort> {
-        let sys = sys::Backend::new(config)?;
+        let sys = Backend::new(config)?;
         Ok(CompletionPort {
             inner: Arc::new(Inner {
                 sys,

@@ -55,8 +55,9 @@ mod uring;
 mod linux;
 #[cfg(target_os = "linux")]
 pub use linux::{
-    ProcessUsage, ephemeral_port_range, fd_hard_limit, fd_limit, is_escape, open_beneath,
-    process_usage, process_usage_of, raise_fd_limit, set_bind_address_no_port, set_keepalive,
+    ProcessUsage, accept_queue_len, ephemeral_port_range, fd_hard_limit, fd_limit, is_escape,
+    open_beneath, process_cpu_rss_of, process_usage, process_usage_of, raise_fd_limit,
+    set_bind_address_no_port, set_keepalive,
 };
 
 use std::collections::VecDeque;
@@ -71,6 +72,8 @@ use crate::port::{BackendKind, PortConfig};
 
 /// The backend a port runs on.
 #[derive(Debug)]
+// One per port, so the size of the larger variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Backend {
     /// io_uring.
     Uring(uring::Backend),
