@@ -636,8 +636,6 @@ pub struct StatsSnapshot {
     pub outstanding_ops: u64,
     /// Pooled receive buffers lent out in all ports.
     pub bufs_leased: u64,
-    /// Latency of request handling.
-    pub latency: LatencySnapshot,
     /// Completions the kernel dropped for a full completion queue, in all
     /// ports (io_uring's `cq_overflow`; must stay 0).
     pub cq_overflow: u64,
@@ -646,6 +644,8 @@ pub struct StatsSnapshot {
     pub cq_full: u64,
     /// Submissions that found a submission queue full.
     pub sq_full: u64,
+    /// Latency of request handling.
+    pub latency: LatencySnapshot,
     /// Seconds since the engine started.
     pub uptime_s: f64,
     /// Process CPU time in seconds, when readable.
@@ -690,7 +690,6 @@ impl Observer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Error;
 
     #[test]
     fn latency_buckets_are_powers_of_two_from_1us() {
@@ -764,6 +763,13 @@ mod tests {
         assert_eq!(l.quantile(0.5), Some(1024e-9));
         assert_eq!(l.quantile(0.99), Some(8192e-9));
     }
+}
+
+#[cfg(test)]
+mod close_reason_tests {
+    use super::CloseReason;
+    use std::io::Error;
+
     /// A peer whose link died ends with EHOSTUNREACH (TCP's soft error when
     /// neighbour discovery fails) as often as with ETIMEDOUT: both are a
     /// vanished peer, not a server error (found by the fault tests).
