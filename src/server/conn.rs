@@ -665,7 +665,7 @@ pub(crate) fn on_recv_done(
                 None,
             );
         }
-        Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
+        Err(e) if e.raw_os_error() == Some(crate::port::sys::errno::ENOBUFS) => {
             // The pool is empty for a moment: try again shortly instead of
             // spinning.
             tracing::debug!(conn = %conn.id, "receive buffer pool exhausted; retrying");

@@ -177,3 +177,17 @@ pub fn open_beneath(root: &std::fs::File, path: &str) -> std::io::Result<std::fs
 pub fn is_escape(e: &std::io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::EXDEV) | Some(libc::ELOOP))
 }
+
+/// Opens a directory to serve files beneath (see [`open_beneath`]).
+pub fn open_dir(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+    std::fs::File::open(path)
+}
+
+/// Raw OS error codes the layers above compare `io::Error::raw_os_error`
+/// against, under their POSIX names (here they are the errno values).
+pub mod errno {
+    pub use libc::{
+        EADDRINUSE, EADDRNOTAVAIL, ECANCELED, ECONNABORTED, ECONNREFUSED, ECONNRESET, EHOSTUNREACH,
+        EMFILE, ENETUNREACH, ENFILE, ENOBUFS, ENOMEM, EPIPE, ETIMEDOUT,
+    };
+}
