@@ -278,6 +278,13 @@ impl CompletionPort {
         self.inner.notify(&mut st);
     }
 
+    /// Whether a receive or send pending on a socket stays pending after
+    /// `shutdown(Both)` of that socket (IOCP), so that closing must cancel
+    /// it; on io_uring and epoll the shutdown itself ends it.
+    pub fn shutdown_leaves_ops(&self) -> bool {
+        self.inner.sys.native()
+    }
+
     /// Operations submitted and not yet completed.
     pub fn outstanding(&self) -> usize {
         self.inner.sys.outstanding()

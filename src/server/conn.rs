@@ -425,6 +425,12 @@ pub(crate) fn progress(shared: &Shared, conn: &Conn, st: &mut ConnState) {
             if let Some(op) = st.connect_op {
                 let _ = port.cancel(op);
             }
+            // On IOCP a shutdown leaves a pending receive or send pending.
+            if port.shutdown_leaves_ops() {
+                for op in [st.recv_op, st.send_op].into_iter().flatten() {
+                    let _ = port.cancel(op);
+                }
+            }
         }
     }
     // Receiving: one receive in flight while open (or lingering).
