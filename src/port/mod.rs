@@ -2,7 +2,7 @@
 //!
 //! A [`CompletionPort`] takes operations ([`Op`]) that own their buffers,
 //! runs them on a backend (io_uring on Linux, or epoll where io_uring is
-//! unavailable; see [`BackendKind`]), and hands their completions
+//! unavailable; IOCP on Windows; see [`BackendKind`]), and hands their completions
 //! to any number of worker threads. It owns the policy the seeds get from
 //! the Windows kernel:
 //!
@@ -18,6 +18,11 @@
 //!   calls `get` again); the rest wait even if completions are ready.
 //! - **Posting.** [`CompletionPort::post`] queues a custom completion from
 //!   any thread (PostQueuedCompletionStatus).
+//!
+//! On Windows the backend is the kernel's own completion port, which does
+//! all of this itself: the port is then *native* (see [`sys`]), every worker
+//! waits in GetQueuedCompletionStatusEx at once, the concurrency limit is
+//! the kernel port's, and `post` is PostQueuedCompletionStatus.
 //!
 //! What this module must not do: touch the OS. Everything platform specific
 //! is behind [`sys`]'s backend contract. See docs/DESIGN.md for the life of

@@ -155,6 +155,23 @@ fn pattern(seed: u64, n: usize) -> Vec<u8> {
         .collect()
 }
 
+/// Whether this Windows is Wine (its ntdll exports `wine_get_version`).
+#[cfg(windows)]
+fn under_wine() -> bool {
+    use windows_sys::Win32::System::LibraryLoader::{GetModuleHandleA, GetProcAddress};
+    // SAFETY: NUL-terminated names; ntdll is loaded in every process and
+    // the handle needs no release.
+    unsafe {
+        let ntdll = GetModuleHandleA(c"ntdll.dll".as_ptr().cast());
+        !ntdll.is_null() && GetProcAddress(ntdll, c"wine_get_version".as_ptr().cast()).is_some()
+    }
+}
+
+#[cfg(not(windows))]
+fn under_wine() -> bool {
+    false
+}
+
 fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
     let end = Instant::now() + DEADLINE;
     while !cond() {
@@ -617,4 +634,61 @@ fn exit_packets_reach_every_worker() {
     for h in handles {
         assert!(h.join().unwrap(), "a worker never got its exit packet");
     }
+}
+
+#[test]
+fn concurrency_limit_holds_back_a_second_worker() {
+    // Concurrency 1: while one worker runs (between a `get` returning and
+    // its next `get`), a completion is not handed to another waiting
+    // worker (IOCP's NumberOfConcurrentThreads). Running means not
+    // blocked, so this worker spins instead of sleeping.
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    if under_wine() {
+        // Wine's completion ports ignore NumberOfConcurrentThreads: every
+        // waiting thread is released. The value is still passed.
+        println!("skipped: Wine does not enforce the concurrency limit of a completion port");
+        return;
+    }
+    let p = CompletionPort::new(&PortConfig {
+        concurrency: 1,
+        recv_bufs: 16,
+        ..PortConfig::default()
+    })
+    .unwrap();
+    let mut a = p.worker();
+    p.post(1, 1);
+    let c = a.get(Some(IO_TIMEOUT)).unwrap().expect("first completion");
+    assert_eq!(c.key, 1);
+    let stop = Arc::new(AtomicBool::new(false));
+    let b_got = Arc::new(AtomicU64::new(0));
+    let b = {
+        let (p, stop, b_got) = (p.clone(), stop.clone(), b_got.clone());
+        thread::spawn(move || {
+            let mut w = p.worker();
+            while !stop.load(Ordering::Relaxed) {
+                if let Some(c) = w.get(Some(Duration::from_millis(50))).unwrap() {
+                    b_got.store(c.key, Ordering::Relaxed);
+                }
+            }
+        })
+    };
+    wait_for("the second worker to wait", || p.idle_workers() == 1);
+    p.post(2, 2);
+    let spin_until = Instant::now() + Duration::from_millis(300);
+    while Instant::now() < spin_until {
+        std::hint::spin_loop();
+    }
+    assert_eq!(
+        b_got.load(Ordering::Relaxed),
+        0,
+        "a second worker ran while the first was running with concurrency 1"
+    );
+    // Our next `get` ends our turn: the completion is taken now, by us or
+    // by the other worker.
+    let mine = a.get(Some(Duration::from_millis(200))).unwrap();
+    wait_for("the posted completion to be taken", || {
+        mine.as_ref().is_some_and(|c| c.key == 2) || b_got.load(Ordering::Relaxed) == 2
+    });
+    stop.store(true, Ordering::Relaxed);
+    b.join().unwrap();
 }
