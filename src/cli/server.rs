@@ -162,6 +162,21 @@ pub(crate) fn run(a: ServerArgs) -> anyhow::Result<i32> {
         })?,
         None => Services::new(),
     };
+    // The handler goes in before anything listens: a SIGTERM that comes
+    // as soon as the first connection is served must shut down cleanly,
+    // not kill the process.
+    let (tx, rx) = mpsc::channel();
+    let mut signals = 0u32;
+    ctrlc::set_handler(move || {
+        signals += 1;
+        if signals > 1 {
+            eprintln!("second interrupt: exiting without waiting");
+            std::process::exit(130);
+        }
+        let _ = tx.send(());
+    })
+    .context("cannot install the signal handler")?;
+
     let mut engine = Engine::start(cfg.clone(), Arc::new(services))
         .with_context(|| super::start_failure(backend))?;
     let max_conns = match a.max_conns {
@@ -185,18 +200,6 @@ pub(crate) fn run(a: ServerArgs) -> anyhow::Result<i32> {
             engine.direct_capacity()
         );
     }
-
-    let (tx, rx) = mpsc::channel();
-    let mut signals = 0u32;
-    ctrlc::set_handler(move || {
-        signals += 1;
-        if signals > 1 {
-            eprintln!("second interrupt: exiting without waiting");
-            std::process::exit(130);
-        }
-        let _ = tx.send(());
-    })
-    .context("cannot install the signal handler")?;
 
     let mut last = (Instant::now(), engine.stats());
     loop {

@@ -726,6 +726,12 @@ impl Shared {
         &self.ports[id.port()].port
     }
 
+    /// Whether the connection's port has a single worker, which alone may
+    /// use multishot receives (see `conn::progress`).
+    pub(crate) fn single_worker(&self, id: ConnId) -> bool {
+        self.ports[id.port()].workers == 1
+    }
+
     fn outstanding(&self) -> usize {
         self.ports.iter().map(|p| p.port.outstanding()).sum()
     }
@@ -756,6 +762,12 @@ impl Shared {
             ..StatsSnapshot::default()
         };
         self.stats.fill(&mut s);
+        for p in &self.ports {
+            let r = p.port.ring_stats();
+            s.cq_overflow += r.cq_overflow;
+            s.cq_full += r.cq_full;
+            s.sq_full += r.sq_full;
+        }
         if let Some(u) = crate::port::sys::process_usage() {
             s.cpu_s = Some(u.cpu.as_secs_f64());
             s.rss_bytes = Some(u.rss);
@@ -1076,7 +1088,10 @@ impl Shared {
             return;
         }
         match c.outcome {
-            Outcome::Received(r) => conn::on_recv_done(self, &conn, &mut st, r),
+            Outcome::Received(r) => conn::on_recv_done(self, &conn, &mut st, r, false),
+            Outcome::ReceivedMulti { result, more } => {
+                conn::on_recv_done(self, &conn, &mut st, result, more)
+            }
             Outcome::Sent { result, bufs } => conn::on_sent(self, &mut st, result, bufs),
             Outcome::SentFile { result, .. } => conn::on_sent_file(self, &mut st, result),
             Outcome::Connected { result, .. } => {

@@ -12,7 +12,9 @@ pub enum CloseReason {
     /// The peer closed its side (EOF).
     PeerClosed,
     /// The peer reset the connection or vanished (ECONNRESET, EPIPE,
-    /// ETIMEDOUT; ERROR_NETNAME_DELETED on Windows).
+    /// ETIMEDOUT, and EHOSTUNREACH/ENETUNREACH/ENETDOWN, which is how TCP
+    /// reports giving up on a peer whose link died; ERROR_NETNAME_DELETED
+    /// on Windows).
     Reset,
     /// A declared frame length was over the limit.
     FrameTooLarge,
@@ -72,7 +74,9 @@ impl CloseReason {
         use std::io::ErrorKind::*;
         match e.kind() {
             ConnectionReset | ConnectionAborted | BrokenPipe | TimedOut | UnexpectedEof
-            | NotConnected => CloseReason::Reset,
+            | NotConnected | HostUnreachable | NetworkUnreachable | NetworkDown => {
+                CloseReason::Reset
+            }
             _ => CloseReason::Error,
         }
     }
@@ -134,6 +138,14 @@ pub struct StatsSnapshot {
     pub outstanding_ops: u64,
     /// Pooled receive buffers lent out in all ports.
     pub bufs_leased: u64,
+    /// Completions the kernel dropped for a full completion queue, in all
+    /// ports (io_uring's `cq_overflow`; must stay 0).
+    pub cq_overflow: u64,
+    /// Reaps that found a completion queue full (the rest waited in the
+    /// kernel's overflow list, not lost).
+    pub cq_full: u64,
+    /// Submissions that found a submission queue full.
+    pub sq_full: u64,
     /// Seconds since the engine started.
     pub uptime_s: f64,
     /// Process CPU time in seconds, when readable.
@@ -213,5 +225,37 @@ impl Stats {
         s.unknown_commands = l(&self.unknown_cmds);
         s.accept_errors = l(&self.accept_errors);
         s.late_completions = l(&self.late_completions);
+    }
+}
+
+// Linux errno values; the Windows codes are mapped by the IOCP backend.
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use super::CloseReason;
+    use std::io::Error;
+
+    /// A peer whose link died ends with EHOSTUNREACH (TCP's soft error when
+    /// neighbour discovery fails) as often as with ETIMEDOUT: both are a
+    /// vanished peer, not a server error (found by the fault tests).
+    #[test]
+    fn a_vanished_peer_is_a_reset() {
+        for errno in [
+            libc::ECONNRESET,
+            libc::EPIPE,
+            libc::ETIMEDOUT,
+            libc::EHOSTUNREACH,
+            libc::ENETUNREACH,
+            libc::ENETDOWN,
+        ] {
+            assert_eq!(
+                CloseReason::from_error(&Error::from_raw_os_error(errno)),
+                CloseReason::Reset,
+                "errno {errno}"
+            );
+        }
+        assert_eq!(
+            CloseReason::from_error(&Error::from_raw_os_error(libc::EINVAL)),
+            CloseReason::Error
+        );
     }
 }

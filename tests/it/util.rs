@@ -57,10 +57,12 @@ pub const STATS_KEYS: [&str; 9] = [
 
 /// Path of the `cport` binary under test.
 pub fn cport_bin() -> PathBuf {
-    if let Some(p) = option_env!("CARGO_BIN_EXE_cport") {
+    // CPORT_BIN first, so that the same tests can run a binary built
+    // another way (e.g. under AddressSanitizer, or a release build).
+    if let Some(p) = std::env::var_os("CPORT_BIN").filter(|p| !p.is_empty()) {
         return PathBuf::from(p);
     }
-    if let Some(p) = std::env::var_os("CPORT_BIN") {
+    if let Some(p) = option_env!("CARGO_BIN_EXE_cport") {
         return PathBuf::from(p);
     }
     panic!(

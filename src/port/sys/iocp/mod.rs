@@ -252,6 +252,9 @@ struct Entry {
     accepts: Vec<Box<AcceptIo>>,
     /// The last error that ended one of them, reported when the last ends.
     accept_error: Option<io::Error>,
+    /// Submitted as `RecvMulti`: run as one receive whose outcome says the
+    /// receive ended (`ReceivedMulti { more: false }`).
+    multi: bool,
 }
 
 /// The Winsock extension functions, loaded once per process.
@@ -353,6 +356,10 @@ fn failed(op: Op, err: impl Fn() -> io::Error) -> Outcome {
             more: false,
         },
         Op::Recv { .. } => Outcome::Received(Err(err())),
+        Op::RecvMulti { .. } => Outcome::ReceivedMulti {
+            result: Err(err()),
+            more: false,
+        },
         Op::Send { bufs, .. } => Outcome::Sent {
             result: Err(err()),
             bufs,
@@ -557,7 +564,10 @@ impl Backend {
     }
 
     pub(crate) fn submit(&self, key: u64, op: Op) -> io::Result<OpId> {
-        if let Op::Recv { socket } | Op::Send { socket, .. } | Op::SendFile { socket, .. } = &op
+        if let Op::Recv { socket }
+        | Op::RecvMulti { socket }
+        | Op::Send { socket, .. }
+        | Op::SendFile { socket, .. } = &op
             && socket.os().is_none()
         {
             return Err(io::Error::new(
@@ -573,6 +583,12 @@ impl Backend {
                 "a send carries 1 to MAX_SEND_BUFS buffers",
             ));
         }
+        // No multishot receive on IOCP: one zero-byte WSARecv, then one
+        // read, then the receive ends and the engine posts the next.
+        let (op, multi) = match op {
+            Op::RecvMulti { socket } => (Op::Recv { socket }, true),
+            op => (op, false),
+        };
         let ext = ext()?;
         let mut t = self.lock();
         let generation = t.next_gen;
@@ -593,6 +609,7 @@ impl Backend {
             ready: None,
             accepts: Vec::new(),
             accept_error: None,
+            multi,
         }));
         let started = match e.op.as_ref().map(Op::kind) {
             Some(crate::op::OpKind::Accept) => self.start_accepts(e, &ext),
@@ -795,6 +812,7 @@ impl Backend {
                 Ok(())
             }
             Op::Accept { .. } | Op::Timeout { .. } => unreachable!("started elsewhere"),
+            Op::RecvMulti { .. } => unreachable!("made a Recv in submit"),
         };
         if let Err(err) = r {
             // Failed at once: no packet will come from the kernel.
@@ -904,7 +922,7 @@ impl Backend {
                     Self::post_packet(self.sh.port, &e.hdr)?;
                 }
             }
-            Some(Op::Shutdown { .. } | Op::Close { .. }) | None => {}
+            Some(Op::Shutdown { .. } | Op::Close { .. } | Op::RecvMulti { .. }) | None => {}
         }
         Ok(())
     }
@@ -1122,7 +1140,10 @@ impl Backend {
                 });
                 Outcome::Connected { result, socket }
             }
-            op @ (Op::Shutdown { .. } | Op::Close { .. } | Op::Accept { .. }) => {
+            op @ (Op::Shutdown { .. }
+            | Op::Close { .. }
+            | Op::Accept { .. }
+            | Op::RecvMulti { .. }) => {
                 // Their outcome is always `ready` (accepts come as subs).
                 failed(op, || io::Error::other("unexpected completion"))
             }
@@ -1135,6 +1156,13 @@ impl Backend {
         let idx = (id.0 & 0xFFFF_FFFF) as usize;
         let e = t.ops.remove(idx);
         self.sh.outstanding.fetch_sub(1, Ordering::Relaxed);
+        let outcome = match outcome {
+            Outcome::Received(result) if e.multi => Outcome::ReceivedMulti {
+                result,
+                more: false,
+            },
+            o => o,
+        };
         out.push_back(Completion {
             key: e.key,
             op: Some(id),
