@@ -21,6 +21,8 @@
 // Under the loom models (`--cfg loom`) the OS backends are built but unused.
 #![cfg_attr(loom, allow(dead_code))]
 
+pub mod admin;
+pub mod bench;
 pub mod buf;
 pub mod chart;
 pub mod client;

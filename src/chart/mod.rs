@@ -613,6 +613,29 @@ pub fn histogram(title: &str, x_label: &str, buckets: &[(f64, f64, u64)]) -> Str
     out
 }
 
+/// Charts from this module stacked top to bottom in one `<svg>` (one file
+/// holding several charts). Each input must be a whole `<svg>` element as
+/// these functions return; an empty list gives an empty picture.
+pub fn stack(charts: &[String]) -> String {
+    let h = HEIGHT * charts.len() as f64;
+    let mut out = format!(
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}">"#,
+        w = WIDTH,
+        h = h
+    );
+    for (i, svg) in charts.iter().enumerate() {
+        // Nested <svg> elements are placed by their x/y attributes.
+        let placed = svg.replacen(
+            "<svg ",
+            &format!(r#"<svg x="0" y="{}" "#, c(HEIGHT * i as f64)),
+            1,
+        );
+        out.push_str(&placed);
+    }
+    out.push_str("</svg>");
+    out
+}
+
 /// A self-contained HTML page: `title` as its heading, then one section per
 /// `(heading, content)`. Headings are text (escaped); contents are markup —
 /// the SVG from this module or HTML the caller built (and escaped) itself —
@@ -891,6 +914,18 @@ mod tests {
         assert_well_formed(&svg);
         assert!(svg.contains("stroke-dasharray"));
         assert!(svg.contains("more</text>"));
+    }
+
+    #[test]
+    fn stacked_charts_are_one_svg() {
+        let a = line_chart("a", "x", "y", &sample());
+        let b = histogram("b", "x", &[(0.0, 1.0, 1)]);
+        let s = stack(&[a, b]);
+        assert_well_formed(&s);
+        assert_eq!(s.matches("<svg").count(), 3);
+        assert!(s.contains(r#"<svg x="0" y="420.0" "#), "{s}");
+        assert!(s.contains(&format!(r#"height="{}""#, HEIGHT * 2.0)));
+        assert_well_formed(&stack(&[]));
     }
 
     #[test]

@@ -317,7 +317,7 @@ fn decode_frames(shared: &Shared, conn: &Conn, st: &mut ConnState) -> usize {
         match st.decoder.decode() {
             Ok(Some(f)) => {
                 n += 1;
-                shared.stats.frame_in(f.body_len());
+                shared.stats.frame_in(f.cmd(), f.body_len());
                 let h = shared.handler.clone();
                 h.on_frame(&mut Ctx { conn, st, shared }, f);
             }
@@ -522,6 +522,13 @@ fn finalize(shared: &Shared, conn: &Conn, st: &mut ConnState) {
     shared.remove_conn(conn.id);
     let (reason, error) = st.closing.take().unwrap_or((CloseReason::Local, None));
     shared.stats.closed(reason, st.was_open);
+    shared.stats.event_disconnect(
+        conn.id,
+        conn.peer,
+        reason,
+        error.as_deref(),
+        (st.bytes_in, st.bytes_out),
+    );
     tracing::debug!(
         conn = %conn.id,
         peer = ?conn.peer,
@@ -670,7 +677,7 @@ fn deliver_inbox(shared: &Shared, st: &mut ConnState, frame: Bytes) {
         );
         return;
     }
-    shared.stats.frame_out(0);
+    shared.stats.wire_out(&frame);
     st.enqueue(shared, frame);
 }
 

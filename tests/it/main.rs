@@ -16,7 +16,9 @@
 
 mod util;
 
+mod admin;
 mod bad_input;
+mod bench;
 mod cancel_race;
 mod chat;
 mod cli;

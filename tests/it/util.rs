@@ -442,16 +442,22 @@ impl Server {
     /// Send `sig`, wait up to 10 s for exit (then SIGKILL).
     /// Returns the exit status, the time it took and all of stderr.
     pub fn stop_with(&mut self, sig: i32) -> (ExitStatus, Duration, String) {
+        self.stop_within(sig, STOP_GRACE)
+    }
+
+    /// [`stop_with`](Self::stop_with) with its own bound on the wait (a
+    /// sanitizer build under load may take longer than `STOP_GRACE`).
+    pub fn stop_within(&mut self, sig: i32, limit: Duration) -> (ExitStatus, Duration, String) {
         let mut child = self.child.take().expect("server already stopped");
         let start = Instant::now();
         // SAFETY: plain kill(2) on the pid of our own child process.
         unsafe {
             libc::kill(self.pid, sig);
         }
-        let status = match wait_deadline(&mut child, STOP_GRACE) {
+        let status = match wait_deadline(&mut child, limit) {
             Some(s) => s,
             None => {
-                eprintln!("[it] server did not exit within {STOP_GRACE:?}; sending SIGKILL");
+                eprintln!("[it] server did not exit within {limit:?}; sending SIGKILL");
                 let _ = child.kill();
                 child.wait().expect("wait after SIGKILL")
             }

@@ -73,9 +73,9 @@ mod uring;
 mod linux;
 #[cfg(target_os = "linux")]
 pub use linux::{
-    ProcessUsage, ephemeral_port_range, errno, fd_hard_limit, fd_limit, is_escape, open_beneath,
-    open_dir, process_usage, process_usage_of, raise_fd_limit, set_bind_address_no_port,
-    set_keepalive,
+    ProcessUsage, accept_queue_len, ephemeral_port_range, errno, fd_hard_limit, fd_limit,
+    is_escape, open_beneath, open_dir, process_cpu_rss_of, process_usage, process_usage_of,
+    raise_fd_limit, set_bind_address_no_port, set_keepalive,
 };
 
 #[cfg(windows)]
@@ -85,9 +85,9 @@ mod iocp;
 mod windows;
 #[cfg(windows)]
 pub use windows::{
-    ProcessUsage, ephemeral_port_range, errno, fd_hard_limit, fd_limit, is_escape, open_beneath,
-    open_dir, process_usage, process_usage_of, raise_fd_limit, set_bind_address_no_port,
-    set_keepalive,
+    ProcessUsage, accept_queue_len, ephemeral_port_range, errno, fd_hard_limit, fd_limit,
+    is_escape, open_beneath, open_dir, process_cpu_rss_of, process_usage, process_usage_of,
+    raise_fd_limit, set_bind_address_no_port, set_keepalive,
 };
 
 use std::collections::VecDeque;

@@ -55,6 +55,21 @@ pub fn process_usage_of(pid: u32) -> Option<ProcessUsage> {
     u
 }
 
+/// The CPU time and working set of process `pid` (no handle count);
+/// `None` if it is gone or we may not query it.
+pub fn process_cpu_rss_of(pid: u32) -> Option<(Duration, u64)> {
+    process_usage_of(pid).map(|u| (u.cpu, u.rss))
+}
+
+/// Connections waiting in the accept queue of a listener on local port
+/// `port`. Windows does not expose a listener's backlog length to another
+/// process (GetExtendedTcpTable lists connections, not queue lengths), so
+/// this is `None`: unknown.
+pub fn accept_queue_len(port: u16) -> Option<u64> {
+    let _ = port;
+    None
+}
+
 fn usage_of(h: HANDLE) -> Option<ProcessUsage> {
     let zero = FILETIME {
         dwLowDateTime: 0,
