@@ -2,7 +2,8 @@
 //!
 //! The layers, each depending only on the ones before it:
 //!
-//! 1. [`port`] — the completion port and its backends (io_uring on Linux).
+//! 1. [`port`] — the completion port and its backends (io_uring or epoll on
+//!    Linux, IOCP on Windows).
 //! 2. [`op`] / [`buf`] — operations that own their buffers until their
 //!    completion is reaped; pooled receive buffers.
 //! 3. [`frame`] — the wire codec (pure, no I/O).

@@ -67,7 +67,8 @@ pub(crate) fn main() -> i32 {
 /// `--backend`, shared by the subcommands that run completion ports.
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
 pub(crate) enum BackendArg {
-    /// io_uring if this machine allows it, else poll (the choice is logged).
+    /// io_uring if this machine allows it, else poll (the choice is
+    /// logged); IOCP on Windows.
     Auto,
     /// Linux io_uring (an error if it is unavailable).
     Uring,
@@ -82,8 +83,12 @@ impl BackendArg {
     pub(crate) fn kind(self) -> anyhow::Result<BackendKind> {
         match self {
             BackendArg::Auto => Ok(BackendKind::Auto),
+            BackendArg::Uring | BackendArg::Poll if cfg!(windows) => anyhow::bail!(
+                "backends 'uring' and 'poll' are Linux backends and do not run on Windows (use --backend auto or iocp)"
+            ),
             BackendArg::Uring => Ok(BackendKind::Uring),
             BackendArg::Poll => Ok(BackendKind::Poll),
+            BackendArg::Iocp if cfg!(windows) => Ok(BackendKind::Iocp),
             BackendArg::Iocp => anyhow::bail!(
                 "backend 'iocp' is the Windows backend and does not run on Linux (use --backend auto, uring or poll)"
             ),

@@ -2,7 +2,7 @@
 //!
 //! A [`CompletionPort`] takes operations ([`Op`]) that own their buffers,
 //! runs them on a backend (io_uring on Linux, or epoll where io_uring is
-//! unavailable; see [`BackendKind`]), and hands their completions
+//! unavailable; IOCP on Windows; see [`BackendKind`]), and hands their completions
 //! to any number of worker threads. It owns the policy the seeds get from
 //! the Windows kernel:
 //!
@@ -18,6 +18,11 @@
 //!   calls `get` again); the rest wait even if completions are ready.
 //! - **Posting.** [`CompletionPort::post`] queues a custom completion from
 //!   any thread (PostQueuedCompletionStatus).
+//!
+//! On Windows the backend is the kernel's own completion port, which does
+//! all of this itself: the port is then *native* (see [`sys`]), every worker
+//! waits in GetQueuedCompletionStatusEx at once, the concurrency limit is
+//! the kernel port's, and `post` is PostQueuedCompletionStatus.
 //!
 //! What this module must not do: touch the OS. Everything platform specific
 //! is behind [`sys`]'s backend contract. See docs/DESIGN.md for the life of
@@ -41,6 +46,8 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::io;
 use std::marker::PhantomData;
+// Counters of native ports only, which loom does not model.
+use std::sync::atomic::AtomicUsize;
 use std::time::{Duration, Instant};
 
 use socket2::Socket;
@@ -60,6 +67,8 @@ pub enum BackendKind {
     /// blocked (container seccomp profiles, `kernel.io_uring_disabled`, old
     /// kernels).
     Poll,
+    /// Windows I/O completion ports (the default there; an error elsewhere).
+    Iocp,
 }
 
 impl BackendKind {
@@ -69,6 +78,7 @@ impl BackendKind {
             BackendKind::Auto => "auto",
             BackendKind::Uring => "uring",
             BackendKind::Poll => "poll",
+            BackendKind::Iocp => "iocp",
         }
     }
 }
@@ -86,8 +96,9 @@ impl std::str::FromStr for BackendKind {
             "auto" => Ok(BackendKind::Auto),
             "uring" => Ok(BackendKind::Uring),
             "poll" => Ok(BackendKind::Poll),
+            "iocp" => Ok(BackendKind::Iocp),
             other => Err(format!(
-                "unknown backend '{other}' (use auto, uring or poll)"
+                "unknown backend '{other}' (use auto, uring, poll or iocp)"
             )),
         }
     }
@@ -165,6 +176,13 @@ struct Inner {
     sys: Backend,
     state: Mutex<State>,
     concurrency: usize,
+    /// Native ports: posts the kernel refused wait in `state.ready`.
+    has_ready: AtomicBool,
+    /// Native ports: workers inside the kernel's wait, and workers between
+    /// a `get` returning to them and their next `get` (for the counters
+    /// only; the kernel port enforces the concurrency limit).
+    native_idle: AtomicUsize,
+    native_running: AtomicUsize,
 }
 
 #[derive(Default)]
@@ -208,6 +226,9 @@ impl CompletionPort {
                 sys,
                 state: Mutex::new(State::default()),
                 concurrency: config.concurrency.max(1),
+                has_ready: AtomicBool::new(false),
+                native_idle: AtomicUsize::new(0),
+                native_running: AtomicUsize::new(0),
             }),
         })
     }
@@ -269,6 +290,24 @@ impl CompletionPort {
     /// Queues a custom completion `Outcome::Posted(value)` with `key`, from
     /// any thread (PostQueuedCompletionStatus).
     pub fn post(&self, key: u64, value: u64) {
+        if self.inner.sys.native() {
+            match self.inner.sys.post(key, value) {
+                Ok(()) => return,
+                Err(e) => {
+                    // The kernel port could not take the packet (out of
+                    // memory): queue it here, where `get_native` looks too.
+                    tracing::warn!("cannot post to the completion port: {e}");
+                    self.inner.lock().ready.push_back(Completion {
+                        key,
+                        op: None,
+                        outcome: Outcome::Posted(value),
+                    });
+                    self.inner.has_ready.store(true, Ordering::Release);
+                    self.inner.sys.wake();
+                    return;
+                }
+            }
+        }
         let mut st = self.inner.lock();
         st.ready.push_back(Completion {
             key,
@@ -276,6 +315,13 @@ impl CompletionPort {
             outcome: Outcome::Posted(value),
         });
         self.inner.notify(&mut st);
+    }
+
+    /// Whether a receive or send pending on a socket stays pending after
+    /// `shutdown(Both)` of that socket (IOCP), so that closing must cancel
+    /// it; on io_uring and epoll the shutdown itself ends it.
+    pub fn shutdown_leaves_ops(&self) -> bool {
+        self.inner.sys.native()
     }
 
     /// Operations submitted and not yet completed.
@@ -303,12 +349,18 @@ impl CompletionPort {
     /// Workers idle in `get`: the leader waiting in the kernel plus those
     /// on the waiter stack.
     pub fn idle_workers(&self) -> usize {
+        if self.inner.sys.native() {
+            return self.inner.native_idle.load(Ordering::Relaxed);
+        }
         let st = self.inner.lock();
         st.waiters.len() + usize::from(st.leader)
     }
 
     /// Workers between `get` returning to them and their next `get`.
     pub fn running_workers(&self) -> usize {
+        if self.inner.sys.native() {
+            return self.inner.native_running.load(Ordering::Relaxed);
+        }
         self.inner.lock().running
     }
 
@@ -433,6 +485,9 @@ impl Worker {
     ) -> io::Result<usize> {
         let inner = &*self.port.inner;
         let max = max.max(1);
+        if inner.sys.native() {
+            return self.get_native(out, max, timeout);
+        }
         let deadline = timeout.map(|t| Instant::now() + t);
         // Hand over what this worker queued while it ran, whatever happens
         // next: a worker that takes its next completions straight from the
@@ -503,9 +558,57 @@ impl Worker {
     }
 }
 
+impl Worker {
+    /// `get_many` on a native port: every worker waits in the kernel at
+    /// once, which applies the concurrency limit and wakes the most recent
+    /// waiter first (IOCP does both), so there is no leader to elect here.
+    fn get_native(
+        &mut self,
+        out: &mut Vec<Completion>,
+        max: usize,
+        timeout: Option<Duration>,
+    ) -> io::Result<usize> {
+        let inner = &*self.port.inner;
+        if self.running {
+            self.running = false;
+            inner.native_running.fetch_sub(1, Ordering::Relaxed);
+        }
+        if inner.has_ready.load(Ordering::Acquire) {
+            let mut st = inner.lock();
+            let n = max.min(st.ready.len());
+            out.extend(st.ready.drain(..n));
+            if st.ready.is_empty() {
+                inner.has_ready.store(false, Ordering::Release);
+            }
+            if n > 0 {
+                self.running = true;
+                inner.native_running.fetch_add(1, Ordering::Relaxed);
+                return Ok(n);
+            }
+        }
+        inner.native_idle.fetch_add(1, Ordering::Relaxed);
+        let r = inner.sys.get(timeout, max, &mut self.batch);
+        inner.native_idle.fetch_sub(1, Ordering::Relaxed);
+        let n = self.batch.len();
+        out.extend(self.batch.drain(..));
+        if n > 0 {
+            self.running = true;
+            inner.native_running.fetch_add(1, Ordering::Relaxed);
+        }
+        r.map(|()| n)
+    }
+}
+
 impl Drop for Worker {
     fn drop(&mut self) {
         let inner = &*self.port.inner;
+        if inner.sys.native() {
+            if self.running {
+                inner.native_running.fetch_sub(1, Ordering::Relaxed);
+            }
+            WORKER_OF.with(|w| w.set(0));
+            return;
+        }
         let _ = inner.sys.flush();
         let mut st = inner.lock();
         if self.running {

@@ -158,6 +158,27 @@ impl Backend {
     pub(crate) fn bufs_leased(&self) -> usize {
         0
     }
+
+    /// The model is a ring-like kernel, not a native port (IOCP): the
+    /// port's own scheduling runs on it, which is what the models check.
+    pub(crate) fn native(&self) -> bool {
+        false
+    }
+
+    /// Native ports only; never called on the model.
+    pub(crate) fn get(
+        &self,
+        _: Option<Duration>,
+        _: usize,
+        _: &mut VecDeque<Completion>,
+    ) -> io::Result<()> {
+        Err(io::Error::from(io::ErrorKind::Unsupported))
+    }
+
+    /// Native ports only; never called on the model.
+    pub(crate) fn post(&self, _: u64, _: u64) -> io::Result<()> {
+        Err(io::Error::from(io::ErrorKind::Unsupported))
+    }
 }
 
 #[cfg(test)]

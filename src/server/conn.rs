@@ -432,6 +432,13 @@ pub(crate) fn progress(shared: &Shared, conn: &Conn, st: &mut ConnState) {
             if let Some(op) = st.connect_op {
                 let _ = port.cancel(op);
             }
+            // On IOCP a shutdown leaves a pending send pending (a pending
+            // receive is cancelled below, as whenever reading stops).
+            if port.shutdown_leaves_ops()
+                && let Some(op) = st.send_op
+            {
+                let _ = port.cancel(op);
+            }
         }
     }
     // Receiving: one receive in flight while open (or lingering).
@@ -699,8 +706,8 @@ pub(crate) fn on_recv_done(
             );
         }
         // We stopped reading on purpose; `progress` re-arms when it may.
-        Err(e) if cancelled && e.raw_os_error() == Some(libc::ECANCELED) => {}
-        Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
+        Err(e) if cancelled && e.raw_os_error() == Some(crate::port::sys::errno::ECANCELED) => {}
+        Err(e) if e.raw_os_error() == Some(crate::port::sys::errno::ENOBUFS) => {
             // The pool is empty for a moment: try again shortly instead of
             // spinning.
             tracing::debug!(conn = %conn.id, "receive buffer pool exhausted; retrying");

@@ -969,15 +969,15 @@ impl Shared {
                         }
                         self.accepted(p, socket)
                     }
-                    Err(e) if e.raw_os_error() == Some(libc::ECANCELED) => {}
+                    Err(e) if e.raw_os_error() == Some(crate::port::sys::errno::ECANCELED) => {}
                     Err(e) => {
                         self.stats.accept_error();
                         scarce = matches!(
                             e.raw_os_error(),
-                            Some(libc::EMFILE)
-                                | Some(libc::ENFILE)
-                                | Some(libc::ENOBUFS)
-                                | Some(libc::ENOMEM)
+                            Some(crate::port::sys::errno::EMFILE)
+                                | Some(crate::port::sys::errno::ENFILE)
+                                | Some(crate::port::sys::errno::ENOBUFS)
+                                | Some(crate::port::sys::errno::ENOMEM)
                         );
                         self.log_accept_error(&e);
                     }

@@ -78,7 +78,7 @@ pub struct Summary {
     pub connections_left: u64,
     /// How long the engine ran.
     pub uptime: Duration,
-    /// Name of the backend the ports ran on ("uring", "poll").
+    /// Name of the backend the ports ran on ("uring", "poll", "iocp").
     pub backend: String,
 }
 

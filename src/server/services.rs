@@ -28,7 +28,7 @@ impl Services {
 
     /// A service whose FILE command serves files beneath `dir`.
     pub fn with_files(dir: &Path) -> io::Result<Services> {
-        let root = File::open(dir)?;
+        let root = sys::open_dir(dir)?;
         if !root.metadata()?.is_dir() {
             return Err(io::Error::new(
                 io::ErrorKind::NotADirectory,

@@ -765,7 +765,8 @@ mod tests {
     }
 }
 
-#[cfg(test)]
+// Linux errno values; the Windows codes are mapped by the IOCP backend.
+#[cfg(all(test, target_os = "linux"))]
 mod close_reason_tests {
     use super::CloseReason;
     use std::io::Error;

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use crate::client::{Latency, ramp_due};
 use crate::frame::{self, Frame, cmd};
+use crate::port::sys::errno;
 use crate::server::{CloseInfo, CloseReason, ConnId, Ctx, Engine, EngineRef, Handler};
 use crate::stress::report::Counts;
 use crate::stress::{Mode, Progress, StressConfig, content};
@@ -171,7 +172,7 @@ impl Load {
             // bind: the source address is not one of this host's. (Out of
             // ports, the connect itself fails later with the same code.)
             let reason = match e.raw_os_error() {
-                Some(libc::EADDRNOTAVAIL) => "bad_source_address",
+                Some(errno::EADDRNOTAVAIL) => "bad_source_address",
                 errno => classify(errno, "connect_failed"),
             };
             self.fail(reason, e.to_string());
@@ -475,15 +476,15 @@ fn os_error_in(text: &str) -> Option<i32> {
 /// A failure reason for an OS error, or `default` for others.
 fn classify(errno: Option<i32>, default: &'static str) -> &'static str {
     match errno {
-        Some(libc::ECONNREFUSED) => "refused",
-        Some(libc::ETIMEDOUT) => "timed_out",
-        Some(libc::ECONNRESET) | Some(libc::ECONNABORTED) => "reset",
-        Some(libc::EPIPE) => "broken_pipe",
-        Some(libc::EADDRNOTAVAIL) => "no_free_ports",
-        Some(libc::EADDRINUSE) => "address_in_use",
-        Some(libc::EMFILE) | Some(libc::ENFILE) => "no_descriptors",
-        Some(libc::ENETUNREACH) | Some(libc::EHOSTUNREACH) => "unreachable",
-        Some(libc::ENOBUFS) | Some(libc::ENOMEM) => "no_memory",
+        Some(errno::ECONNREFUSED) => "refused",
+        Some(errno::ETIMEDOUT) => "timed_out",
+        Some(errno::ECONNRESET) | Some(errno::ECONNABORTED) => "reset",
+        Some(errno::EPIPE) => "broken_pipe",
+        Some(errno::EADDRNOTAVAIL) => "no_free_ports",
+        Some(errno::EADDRINUSE) => "address_in_use",
+        Some(errno::EMFILE) | Some(errno::ENFILE) => "no_descriptors",
+        Some(errno::ENETUNREACH) | Some(errno::EHOSTUNREACH) => "unreachable",
+        Some(errno::ENOBUFS) | Some(errno::ENOMEM) => "no_memory",
         _ => default,
     }
 }
@@ -660,12 +661,12 @@ mod tests {
 
     #[test]
     fn os_errors_are_read_from_error_text() {
-        let e = io::Error::from_raw_os_error(libc::ECONNREFUSED);
-        assert_eq!(os_error_in(&e.to_string()), Some(libc::ECONNREFUSED));
+        let e = io::Error::from_raw_os_error(errno::ECONNREFUSED);
+        assert_eq!(os_error_in(&e.to_string()), Some(errno::ECONNREFUSED));
         assert_eq!(classify(os_error_in(&e.to_string()), "x"), "refused");
         assert_eq!(os_error_in("connection reset by peer"), None);
-        assert_eq!(classify(Some(libc::EADDRNOTAVAIL), "x"), "no_free_ports");
-        assert_eq!(classify(Some(libc::EMFILE), "x"), "no_descriptors");
+        assert_eq!(classify(Some(errno::EADDRNOTAVAIL), "x"), "no_free_ports");
+        assert_eq!(classify(Some(errno::EMFILE), "x"), "no_descriptors");
         assert_eq!(classify(None, "x"), "x");
     }
 }

@@ -10,6 +10,10 @@
 //! `CARGO_BIN_EXE_cport`. Set `CPORT_TEST_BACKEND=uring|poll|auto` to pass
 //! `--backend` to every server.
 
+#![cfg(target_os = "linux")]
+// Linux only: the suite stops servers with signals and reads /proc and
+// rlimits. The Windows build is tested by `tests/win` (under Wine in CI).
+
 mod util;
 
 mod admin;

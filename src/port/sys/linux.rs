@@ -239,3 +239,17 @@ pub(crate) fn kernel_at_least(major: u32, minor: u32) -> bool {
     let have = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
     have >= (major, minor)
 }
+
+/// Opens a directory to serve files beneath (see [`open_beneath`]).
+pub fn open_dir(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+    std::fs::File::open(path)
+}
+
+/// Raw OS error codes the layers above compare `io::Error::raw_os_error`
+/// against, under their POSIX names (here they are the errno values).
+pub mod errno {
+    pub use libc::{
+        EADDRINUSE, EADDRNOTAVAIL, ECANCELED, ECONNABORTED, ECONNREFUSED, ECONNRESET, EHOSTUNREACH,
+        EMFILE, ENETUNREACH, ENFILE, ENOBUFS, ENOMEM, EPIPE, ETIMEDOUT,
+    };
+}

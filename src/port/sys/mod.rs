@@ -36,15 +36,33 @@
 //!
 //! On Linux two backends meet it: `uring/` (io_uring, true completions)
 //! and `poll/` (epoll readiness turned into completions in the backend).
+//! On Windows one does: `iocp/` (I/O completion ports, the seeds' own API).
 //! `Backend` here is the one the port holds: an enum over them that
 //! delegates every call, chosen once per port from
-//! [`PortConfig::backend`](crate::port::PortConfig). `Auto` takes io_uring
-//! when the kernel lets us set up a ring with every opcode cport uses, and
-//! otherwise falls back to poll, logging (once per process) which runs and
-//! why.
+//! [`PortConfig::backend`](crate::port::PortConfig). On Linux `Auto` takes
+//! io_uring when the kernel lets us set up a ring with every opcode cport
+//! uses, and otherwise falls back to poll, logging (once per process) which
+//! runs and why; on Windows `Auto` is IOCP.
 //!
-//! OS helpers that are not part of the port (process CPU and memory) live
-//! here too, so that nothing above `sys` says `cfg(target_os)`.
+//! # Native ports (an addition for IOCP)
+//!
+//! A backend whose kernel object *is* a completion port shared by many
+//! threads says so with `native() -> true` and adds two functions:
+//!
+//! - `get(&self, timeout, max, &mut VecDeque<Completion>)` — like `wait`,
+//!   but callable from every worker thread at once (IOCP:
+//!   GetQueuedCompletionStatusEx), taking at most `max` completions; the
+//!   kernel then applies the concurrency limit and the LIFO wake-up itself.
+//! - `post(&self, key, value) -> io::Result<()>` — queue
+//!   `Outcome::Posted(value)` in the kernel port (PostQueuedCompletionStatus).
+//!
+//! The port then skips its own leader/follower scheduling and ready queue.
+//! Backends that are not native never see these two calls.
+//!
+//! OS helpers that are not part of the port (process CPU and memory,
+//! descriptor limits, socket options, opening files beneath a directory,
+//! the raw error codes the layers above compare against, in [`errno`])
+//! live here too, so that nothing above `sys` says `cfg(target_os)`.
 
 #[cfg(target_os = "linux")]
 mod poll;
@@ -55,13 +73,26 @@ mod uring;
 mod linux;
 #[cfg(target_os = "linux")]
 pub use linux::{
-    ProcessUsage, accept_queue_len, ephemeral_port_range, fd_hard_limit, fd_limit, is_escape,
-    open_beneath, process_cpu_rss_of, process_usage, process_usage_of, raise_fd_limit,
-    set_bind_address_no_port, set_keepalive,
+    ProcessUsage, accept_queue_len, ephemeral_port_range, errno, fd_hard_limit, fd_limit,
+    is_escape, open_beneath, open_dir, process_cpu_rss_of, process_usage, process_usage_of,
+    raise_fd_limit, set_bind_address_no_port, set_keepalive,
+};
+
+#[cfg(windows)]
+mod iocp;
+
+#[cfg(windows)]
+mod windows;
+#[cfg(windows)]
+pub use windows::{
+    ProcessUsage, accept_queue_len, ephemeral_port_range, errno, fd_hard_limit, fd_limit,
+    is_escape, open_beneath, open_dir, process_cpu_rss_of, process_usage, process_usage_of,
+    raise_fd_limit, set_bind_address_no_port, set_keepalive,
 };
 
 use std::collections::VecDeque;
 use std::io;
+#[cfg(target_os = "linux")]
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -76,29 +107,66 @@ use crate::port::{BackendKind, PortConfig};
 #[allow(clippy::large_enum_variant)]
 pub(crate) enum Backend {
     /// io_uring.
+    #[cfg(target_os = "linux")]
     Uring(uring::Backend),
     /// epoll.
+    #[cfg(target_os = "linux")]
     Poll(poll::Backend),
+    /// Windows I/O completion port.
+    #[cfg(windows)]
+    Iocp(iocp::Backend),
 }
 
 /// Once `Auto` fell back to poll, later `Auto` ports do not probe again, so
 /// the ports of one engine agree.
+#[cfg(target_os = "linux")]
 static AUTO_FELL_BACK: AtomicBool = AtomicBool::new(false);
 /// The one log line about `Auto`'s choice has been written.
+#[cfg(target_os = "linux")]
 static AUTO_LOGGED: AtomicBool = AtomicBool::new(false);
 
 macro_rules! delegate {
     ($self:ident, $b:ident => $e:expr) => {
         match $self {
+            #[cfg(target_os = "linux")]
             Backend::Uring($b) => $e,
+            #[cfg(target_os = "linux")]
             Backend::Poll($b) => $e,
+            #[cfg(windows)]
+            Backend::Iocp($b) => $e,
         }
     };
 }
 
+/// The error for a backend this operating system does not have.
+fn not_here(kind: BackendKind) -> io::Error {
+    let hint = if cfg!(windows) {
+        "use --backend auto or iocp"
+    } else {
+        "use --backend auto, uring or poll"
+    };
+    io::Error::new(
+        io::ErrorKind::Unsupported,
+        format!(
+            "backend '{kind}' does not run on {} ({hint})",
+            std::env::consts::OS
+        ),
+    )
+}
+
 impl Backend {
+    #[cfg(windows)]
     pub(crate) fn new(cfg: &PortConfig) -> io::Result<Backend> {
         match cfg.backend {
+            BackendKind::Auto | BackendKind::Iocp => iocp::Backend::new(cfg).map(Backend::Iocp),
+            other => Err(not_here(other)),
+        }
+    }
+
+    #[cfg(target_os = "linux")]
+    pub(crate) fn new(cfg: &PortConfig) -> io::Result<Backend> {
+        match cfg.backend {
+            BackendKind::Iocp => Err(not_here(BackendKind::Iocp)),
             BackendKind::Poll => poll::Backend::new(cfg).map(Backend::Poll),
             BackendKind::Uring => uring::Backend::new(cfg)
                 .map(Backend::Uring)
@@ -137,15 +205,61 @@ impl Backend {
 
     pub(crate) fn make_direct(&self, socket: Socket) -> crate::op::Sock {
         match self {
+            #[cfg(target_os = "linux")]
             Backend::Uring(b) => b.make_direct(socket),
-            Backend::Poll(_) => crate::op::Sock::Os(std::sync::Arc::new(socket)),
+            #[allow(unreachable_patterns)]
+            _ => crate::op::Sock::Os(std::sync::Arc::new(socket)),
         }
     }
 
     pub(crate) fn direct_capacity(&self) -> usize {
         match self {
+            #[cfg(target_os = "linux")]
             Backend::Uring(b) => b.direct_capacity(),
-            Backend::Poll(_) => 0,
+            #[allow(unreachable_patterns)]
+            _ => 0,
+        }
+    }
+
+    /// Whether this backend is a native port (see the module docs).
+    pub(crate) fn native(&self) -> bool {
+        match self {
+            #[cfg(windows)]
+            Backend::Iocp(_) => true,
+            #[allow(unreachable_patterns)]
+            _ => false,
+        }
+    }
+
+    /// Native ports only: takes up to `max` completions, from any number
+    /// of threads at once.
+    pub(crate) fn get(
+        &self,
+        timeout: Option<Duration>,
+        max: usize,
+        out: &mut VecDeque<Completion>,
+    ) -> io::Result<()> {
+        match self {
+            #[cfg(windows)]
+            Backend::Iocp(b) => b.get(timeout, max, out),
+            #[allow(unreachable_patterns)]
+            _ => {
+                let _ = (timeout, max, out);
+                Err(io::Error::from(io::ErrorKind::Unsupported))
+            }
+        }
+    }
+
+    /// Native ports only: queues `Outcome::Posted(value)` with `key`.
+    pub(crate) fn post(&self, key: u64, value: u64) -> io::Result<()> {
+        match self {
+            #[cfg(windows)]
+            Backend::Iocp(b) => b.post(key, value),
+            #[allow(unreachable_patterns)]
+            _ => {
+                let _ = (key, value);
+                Err(io::Error::from(io::ErrorKind::Unsupported))
+            }
         }
     }
 
@@ -187,8 +301,10 @@ impl Backend {
 
     pub(crate) fn ring_stats(&self) -> crate::port::RingStats {
         match self {
+            #[cfg(target_os = "linux")]
             Backend::Uring(b) => b.ring_stats(),
-            Backend::Poll(_) => crate::port::RingStats::default(),
+            #[allow(unreachable_patterns)]
+            _ => crate::port::RingStats::default(),
         }
     }
 }

@@ -1,0 +1,289 @@
+//! Windows helpers outside the port: process accounting, the (absent)
+//! descriptor limits, socket options, opening files beneath a directory,
+//! and the error codes the layers above compare against. The Windows
+//! counterpart of `linux.rs`, with the same functions.
+
+use std::fs::File;
+use std::io;
+use std::os::windows::ffi::OsStringExt;
+use std::os::windows::fs::OpenOptionsExt;
+use std::os::windows::io::{AsRawHandle, AsRawSocket};
+use std::path::{Component, Path, PathBuf};
+use std::time::Duration;
+
+use windows_sys::Win32::Foundation::{CloseHandle, FILETIME, HANDLE};
+use windows_sys::Win32::Networking::WinSock::{SO_REUSE_UNICASTPORT, SOL_SOCKET, setsockopt};
+use windows_sys::Win32::Storage::FileSystem::{
+    FILE_FLAG_BACKUP_SEMANTICS, FILE_NAME_NORMALIZED, GetFinalPathNameByHandleW, VOLUME_NAME_DOS,
+};
+use windows_sys::Win32::System::ProcessStatus::{K32GetProcessMemoryInfo, PROCESS_MEMORY_COUNTERS};
+use windows_sys::Win32::System::Threading::{
+    GetCurrentProcess, GetProcessHandleCount, GetProcessTimes, OpenProcess,
+    PROCESS_QUERY_LIMITED_INFORMATION,
+};
+
+/// CPU time and resident memory of this process.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ProcessUsage {
+    /// User + system CPU time consumed so far.
+    pub cpu: Duration,
+    /// Resident set size (working set) in bytes.
+    pub rss: u64,
+    /// Open handles (sockets, files, threads, ...).
+    pub fds: u64,
+}
+
+/// Reads this process's CPU time and working set.
+pub fn process_usage() -> Option<ProcessUsage> {
+    // SAFETY: the pseudo-handle of the current process needs no closing
+    // and is valid for the whole call.
+    usage_of(unsafe { GetCurrentProcess() })
+}
+
+/// Reads the CPU time and working set of process `pid`; `None` if it is
+/// gone or we may not query it.
+pub fn process_usage_of(pid: u32) -> Option<ProcessUsage> {
+    // SAFETY: OpenProcess has no memory-safety preconditions; the handle is
+    // checked and closed below.
+    let h = unsafe { OpenProcess(PROCESS_QUERY_LIMITED_INFORMATION, 0, pid) };
+    if h.is_null() {
+        return None;
+    }
+    let u = usage_of(h);
+    // SAFETY: `h` is a handle we opened above and close once.
+    unsafe { CloseHandle(h) };
+    u
+}
+
+/// The CPU time and working set of process `pid` (no handle count);
+/// `None` if it is gone or we may not query it.
+pub fn process_cpu_rss_of(pid: u32) -> Option<(Duration, u64)> {
+    process_usage_of(pid).map(|u| (u.cpu, u.rss))
+}
+
+/// Connections waiting in the accept queue of a listener on local port
+/// `port`. Windows does not expose a listener's backlog length to another
+/// process (GetExtendedTcpTable lists connections, not queue lengths), so
+/// this is `None`: unknown.
+pub fn accept_queue_len(port: u16) -> Option<u64> {
+    let _ = port;
+    None
+}
+
+fn usage_of(h: HANDLE) -> Option<ProcessUsage> {
+    let zero = FILETIME {
+        dwLowDateTime: 0,
+        dwHighDateTime: 0,
+    };
+    let (mut created, mut exited, mut kernel, mut user) = (zero, zero, zero, zero);
+    // SAFETY: the four out-pointers are live locals; `h` is a valid process
+    // handle for the call.
+    if unsafe { GetProcessTimes(h, &mut created, &mut exited, &mut kernel, &mut user) } == 0 {
+        return None;
+    }
+    let ticks = |f: FILETIME| ((f.dwHighDateTime as u64) << 32) | f.dwLowDateTime as u64;
+    // SAFETY: PROCESS_MEMORY_COUNTERS is plain old data; all-zero is valid.
+    let mut mem: PROCESS_MEMORY_COUNTERS = unsafe { std::mem::zeroed() };
+    mem.cb = std::mem::size_of::<PROCESS_MEMORY_COUNTERS>() as u32;
+    // SAFETY: `mem` is a live local of the size we pass.
+    let rss = if unsafe { K32GetProcessMemoryInfo(h, &mut mem, mem.cb) } != 0 {
+        mem.WorkingSetSize as u64
+    } else {
+        0
+    };
+    let mut handles = 0u32;
+    // SAFETY: writes one u32 into a live local.
+    unsafe { GetProcessHandleCount(h, &mut handles) };
+    Some(ProcessUsage {
+        // FILETIME counts 100 ns intervals.
+        cpu: Duration::from_nanos((ticks(kernel) + ticks(user)) * 100),
+        rss,
+        fds: handles as u64,
+    })
+}
+
+/// Windows' dynamic port range is 49152-65535 by default; it is not read
+/// from the system (`netsh int ipv4 show dynamicport tcp` shows it).
+pub fn ephemeral_port_range() -> Option<(u16, u16)> {
+    Some((49152, 65535))
+}
+
+/// Windows has no per-process descriptor limit for sockets: a process may
+/// hold up to 2^24 handles, and memory runs out first. This is that limit.
+const HANDLE_LIMIT: u64 = 1 << 24;
+
+/// The most handles a process can hold (there is no soft/hard pair).
+pub fn fd_hard_limit() -> Option<u64> {
+    Some(HANDLE_LIMIT)
+}
+
+/// The most handles a process can hold.
+pub fn fd_limit() -> Option<u64> {
+    Some(HANDLE_LIMIT)
+}
+
+/// Nothing to raise on Windows; returns the handle limit.
+pub fn raise_fd_limit() -> Option<u64> {
+    fd_limit()
+}
+
+/// The Windows analogue of `IP_BIND_ADDRESS_NO_PORT`: `SO_REUSE_UNICASTPORT`
+/// lets the stack share a source port between connections to different
+/// destinations, choosing it at connect time. Best effort: older systems
+/// (and Wine) lack the option, and a bind with port 0 still works there,
+/// only with fewer ports per source address.
+pub fn set_bind_address_no_port(socket: &socket2::Socket) -> io::Result<()> {
+    let one: u32 = 1;
+    // SAFETY: setsockopt reads 4 bytes from a live local; the socket is
+    // owned by `socket` for the call.
+    let rc = unsafe {
+        setsockopt(
+            socket.as_raw_socket() as usize,
+            SOL_SOCKET,
+            SO_REUSE_UNICASTPORT,
+            (&one as *const u32).cast(),
+            4,
+        )
+    };
+    if rc != 0 {
+        tracing::debug!(
+            "SO_REUSE_UNICASTPORT is not available: {}",
+            io::Error::last_os_error()
+        );
+    }
+    Ok(())
+}
+
+/// Turns on TCP keepalive: first probe after `idle`, then every `idle / 3`
+/// (at least 1 s), 3 probes. (Windows has no TCP_USER_TIMEOUT.)
+pub fn set_keepalive(socket: &socket2::Socket, idle: Duration) -> io::Result<()> {
+    let interval = (idle / 3).max(Duration::from_secs(1));
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(idle)
+        .with_interval(interval);
+    socket.set_tcp_keepalive(&ka)?;
+    // TCP_KEEPCNT exists since Windows 10 1703; without it the system's
+    // default count (10) applies.
+    let _ = socket.set_tcp_keepalive(&socket2::TcpKeepalive::new().with_retries(3));
+    Ok(())
+}
+
+/// Opens a directory to serve files beneath. A directory opens on Windows
+/// only with `FILE_FLAG_BACKUP_SEMANTICS`.
+pub fn open_dir(path: &Path) -> io::Result<File> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(FILE_FLAG_BACKUP_SEMANTICS)
+        .open(path)
+}
+
+/// The error [`open_beneath`] gives for a path that leaves the root.
+#[derive(Debug)]
+struct Escape;
+
+impl std::fmt::Display for Escape {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("path leads outside the files directory")
+    }
+}
+
+impl std::error::Error for Escape {}
+
+fn escape() -> io::Error {
+    io::Error::new(io::ErrorKind::PermissionDenied, Escape)
+}
+
+/// The final path of an open file or directory (links and junctions
+/// resolved), as the system sees it.
+fn final_path(f: &File) -> io::Result<PathBuf> {
+    let mut buf = vec![0u16; 512];
+    loop {
+        // SAFETY: `buf` is a live buffer of the length we pass; the handle
+        // is owned by `f` for the call.
+        let n = unsafe {
+            GetFinalPathNameByHandleW(
+                f.as_raw_handle(),
+                buf.as_mut_ptr(),
+                buf.len() as u32,
+                FILE_NAME_NORMALIZED | VOLUME_NAME_DOS,
+            )
+        } as usize;
+        if n == 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if n < buf.len() {
+            buf.truncate(n);
+            return Ok(PathBuf::from(std::ffi::OsString::from_wide(&buf)));
+        }
+        // Too small: `n` is the size needed, terminator included.
+        buf.resize(n + 1, 0);
+    }
+}
+
+/// Opens `path` for reading, strictly beneath the directory `root`.
+/// Windows has no `openat2(RESOLVE_BENEATH)`, so the file is opened and
+/// then its *final* path (every link and junction resolved, read from the
+/// open handle) is checked to lie beneath the root's final path: what is
+/// checked is the very file that will be sent, so there is no
+/// check-then-open race. Absolute paths, drive prefixes and `..` are
+/// refused before anything is opened.
+pub fn open_beneath(root: &File, path: &str) -> io::Result<File> {
+    let rel = Path::new(path);
+    if rel
+        .components()
+        .any(|c| !matches!(c, Component::Normal(_) | Component::CurDir))
+    {
+        return Err(escape());
+    }
+    let base = final_path(root)?;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .open(base.join(rel))?;
+    if !final_path(&f)?.starts_with(&base) {
+        return Err(escape());
+    }
+    Ok(f)
+}
+
+/// Whether an error from [`open_beneath`] means the path tried to leave the root.
+pub fn is_escape(e: &io::Error) -> bool {
+    e.get_ref().is_some_and(|r| r.is::<Escape>())
+}
+
+/// Raw OS error codes the layers above compare `io::Error::raw_os_error`
+/// against, under their POSIX names: here the Winsock and Win32 codes
+/// that mean the same. The IOCP backend turns the codes of failed
+/// overlapped operations (`ERROR_NETNAME_DELETED`, ...) into these.
+pub mod errno {
+    use windows_sys::Win32::Foundation as f;
+    use windows_sys::Win32::Networking::WinSock as w;
+
+    /// An operation cancelled (CancelIoEx): `ERROR_OPERATION_ABORTED`.
+    pub const ECANCELED: i32 = f::ERROR_OPERATION_ABORTED as i32;
+    /// No buffer space.
+    pub const ENOBUFS: i32 = w::WSAENOBUFS;
+    /// Too many sockets.
+    pub const EMFILE: i32 = w::WSAEMFILE;
+    /// Too many open files (system-wide).
+    pub const ENFILE: i32 = f::ERROR_TOO_MANY_OPEN_FILES as i32;
+    /// Out of memory.
+    pub const ENOMEM: i32 = f::ERROR_NOT_ENOUGH_MEMORY as i32;
+    /// Connection refused.
+    pub const ECONNREFUSED: i32 = w::WSAECONNREFUSED;
+    /// Timed out.
+    pub const ETIMEDOUT: i32 = w::WSAETIMEDOUT;
+    /// Connection reset by the peer.
+    pub const ECONNRESET: i32 = w::WSAECONNRESET;
+    /// Connection aborted.
+    pub const ECONNABORTED: i32 = w::WSAECONNABORTED;
+    /// Send after the connection was shut down.
+    pub const EPIPE: i32 = w::WSAESHUTDOWN;
+    /// Address not available.
+    pub const EADDRNOTAVAIL: i32 = w::WSAEADDRNOTAVAIL;
+    /// Address in use.
+    pub const EADDRINUSE: i32 = w::WSAEADDRINUSE;
+    /// Network unreachable.
+    pub const ENETUNREACH: i32 = w::WSAENETUNREACH;
+    /// Host unreachable.
+    pub const EHOSTUNREACH: i32 = w::WSAEHOSTUNREACH;
+}
