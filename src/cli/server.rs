@@ -169,6 +169,21 @@ pub(crate) fn run(a: ServerArgs) -> anyhow::Result<i32> {
         None => default_max_conns(fd_limit) + engine.direct_capacity(),
     };
     engine.set_max_conns(max_conns);
+    // Installed before the first "listening" line: whoever saw that line
+    // may signal at once and must get a graceful shutdown, not the default
+    // SIGTERM action (found by running the shutdown tests under valgrind).
+    let (tx, rx) = mpsc::channel();
+    let mut signals = 0u32;
+    ctrlc::set_handler(move || {
+        signals += 1;
+        if signals > 1 {
+            eprintln!("second interrupt: exiting without waiting");
+            std::process::exit(130);
+        }
+        let _ = tx.send(());
+    })
+    .context("cannot install the signal handler")?;
+
     for addr in &a.listen {
         let bound = engine.listen(*addr, 4096).with_context(|| {
             format!(
@@ -185,18 +200,6 @@ pub(crate) fn run(a: ServerArgs) -> anyhow::Result<i32> {
             engine.direct_capacity()
         );
     }
-
-    let (tx, rx) = mpsc::channel();
-    let mut signals = 0u32;
-    ctrlc::set_handler(move || {
-        signals += 1;
-        if signals > 1 {
-            eprintln!("second interrupt: exiting without waiting");
-            std::process::exit(130);
-        }
-        let _ = tx.send(());
-    })
-    .context("cannot install the signal handler")?;
 
     let mut last = (Instant::now(), engine.stats());
     loop {
