@@ -25,4 +25,5 @@ mod raw;
 mod scale;
 mod services;
 mod shutdown;
+mod slot_reuse;
 mod stress;
