@@ -10,6 +10,9 @@
 //!    stats; the built-in services. [`stress`] (the load generator behind
 //!    `cport stress`) sits beside them, on the same engine.
 //!
+//! [`chart`] draws SVG charts and self-contained HTML report pages for the
+//! tools (`cport bench`, stress reports); it depends on none of the above.
+//!
 //! The `cport` binary (`src/main.rs`, `src/cli/`) is a thin layer over these.
 //! docs/DESIGN.md describes the life of an operation and of a connection.
 #![deny(missing_docs, missing_debug_implementations, rust_2018_idioms)]
@@ -17,7 +20,10 @@
 // Under the loom models (`--cfg loom`) the OS backends are built but unused.
 #![cfg_attr(loom, allow(dead_code))]
 
+pub mod admin;
+pub mod bench;
 pub mod buf;
+pub mod chart;
 pub mod client;
 pub mod frame;
 pub mod op;

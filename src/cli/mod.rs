@@ -1,6 +1,7 @@
 //! Command line: flags in, a configuration out, a library call; no logic
 //! the library should own.
 
+mod bench;
 mod client;
 mod server;
 mod stress;
@@ -28,6 +29,9 @@ enum Command {
     Client(client::ClientArgs),
     /// Load a server with thousands of connections and report what it did.
     Stress(stress::StressArgs),
+    /// Compare cport with tokio, thread-per-connection and io_uring servers
+    /// under the same loads, side by side.
+    Bench(bench::BenchArgs),
     /// One worker process of `cport stress` (started by it, not by hand).
     #[command(hide = true)]
     StressWorker(stress::WorkerArgs),
@@ -48,6 +52,7 @@ pub(crate) fn main() -> i32 {
         Command::Server(a) => server::run(a),
         Command::Client(a) => client::run(a),
         Command::Stress(a) => stress::run_stress(a),
+        Command::Bench(a) => bench::run(a),
         Command::StressWorker(a) => stress::run_stress_worker(a),
     };
     match result {

@@ -105,6 +105,11 @@ pub(crate) struct StressArgs {
     /// Worker threads (one completion port each) per process.
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
     threads: u32,
+    /// Raw echo instead of ECHO frames: each message is --size bytes and
+    /// the same bytes must come back (for `cport server --protocol raw`
+    /// and other echo servers; give --server-pid for its CPU and RSS).
+    #[arg(long)]
+    raw: bool,
     /// Completion backend of the client's own ports.
     #[arg(long, value_enum, default_value_t = BackendArg::Auto)]
     backend: BackendArg,
@@ -117,7 +122,8 @@ pub(crate) struct StressArgs {
     /// Also write the report as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
-    /// Also write the text report to FILE.
+    /// Also write the report to FILE: a self-contained HTML page with
+    /// charts when FILE ends in .html or .htm, else the text report.
     #[arg(long, value_name = "FILE")]
     report: Option<PathBuf>,
     /// Seed of the message contents.
@@ -199,6 +205,7 @@ pub(crate) fn run_stress(a: StressArgs) -> anyhow::Result<i32> {
         threads: a.threads as usize,
         backend: a.backend.kind()?,
         procs: a.worker_procs.map(|p| p as usize),
+        raw: a.raw,
     };
     // Bad values and an impossible layout are usage errors (exit 2),
     // found before anything starts.
@@ -221,6 +228,8 @@ pub(crate) fn run_stress(a: StressArgs) -> anyhow::Result<i32> {
         server: match (a.server_pid, a.no_server_stats) {
             (Some(pid), _) => ServerWatch::Pid(pid),
             (None, true) => ServerWatch::Off,
+            // A raw echo server has no STATS to ask.
+            (None, false) if a.raw => ServerWatch::Off,
             (None, false) => ServerWatch::Stats(cfg.targets[0]),
         },
     };
@@ -238,7 +247,17 @@ pub(crate) fn run_stress(a: StressArgs) -> anyhow::Result<i32> {
         writeln!(f, "{body}").context("cannot write the JSON report")?;
     }
     if let Some(f) = &mut text {
-        f.write_all(rendered.as_bytes())
+        let html = a.report.as_deref().is_some_and(|p| {
+            p.extension()
+                .and_then(|e| e.to_str())
+                .is_some_and(|e| e.eq_ignore_ascii_case("html") || e.eq_ignore_ascii_case("htm"))
+        });
+        let body = if html {
+            report.render_html()
+        } else {
+            rendered.clone()
+        };
+        f.write_all(body.as_bytes())
             .context("cannot write the report")?;
     }
     if !report.ok {

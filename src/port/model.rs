@@ -158,6 +158,11 @@ impl Backend {
     pub(crate) fn bufs_leased(&self) -> usize {
         0
     }
+
+    /// The model's queues are unbounded: nothing is ever full or dropped.
+    pub(crate) fn ring_stats(&self) -> crate::port::RingStats {
+        crate::port::RingStats::default()
+    }
 }
 
 #[cfg(test)]

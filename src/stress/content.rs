@@ -38,6 +38,18 @@ impl Stream {
 pub(crate) fn echo_frame(seed: u64, conn: u64, seq: u64, size: usize) -> Bytes {
     let mut b = BytesMut::with_capacity(frame::HEADER_LEN + size);
     b.put_slice(&frame::encode_header(cmd::ECHO, size as u32));
+    put_body(&mut b, seed, conn, seq, size);
+    b.freeze()
+}
+
+/// The same message without a header, for raw echo.
+pub(crate) fn echo_body(seed: u64, conn: u64, seq: u64, size: usize) -> Bytes {
+    let mut b = BytesMut::with_capacity(size);
+    put_body(&mut b, seed, conn, seq, size);
+    b.freeze()
+}
+
+fn put_body(b: &mut BytesMut, seed: u64, conn: u64, seq: u64, size: usize) {
     let mut s = Stream::new(seed, conn, seq);
     let mut left = size;
     while left >= 8 {
@@ -47,7 +59,6 @@ pub(crate) fn echo_frame(seed: u64, conn: u64, seq: u64, size: usize) -> Bytes {
     if left > 0 {
         b.put_slice(&s.next()[..left]);
     }
-    b.freeze()
 }
 
 /// Whether `body` is exactly the body of message `seq` of connection `conn`
@@ -79,6 +90,7 @@ mod tests {
             );
             let body = &f[frame::HEADER_LEN..];
             assert!(verify(1, 5, 2, body), "size {size}");
+            assert_eq!(echo_body(1, 5, 2, size), body, "raw body, size {size}");
             if size >= 4 {
                 assert!(!verify(1, 5, 3, body), "another message, size {size}");
                 assert!(!verify(1, 6, 2, body), "another connection, size {size}");

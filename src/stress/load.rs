@@ -122,10 +122,14 @@ struct ConnLoad {
     done: bool,
     /// Why the connection failed, when this side decided it.
     failure: Option<(&'static str, String)>,
+    /// Raw mode: the bytes of the echo being received, until it is whole.
+    partial: Vec<u8>,
 }
 
 struct Load {
     mode: Mode,
+    /// Raw echo instead of ECHO frames.
+    raw: bool,
     messages: u64,
     interval: Duration,
     size: usize,
@@ -187,7 +191,12 @@ impl Load {
             c.last_send = now;
             let arm = !c.watchdog;
             c.watchdog = true;
-            (content::echo_frame(self.seed, c.index, seq, self.size), arm)
+            let wire = if self.raw {
+                content::echo_body(self.seed, c.index, seq, self.size)
+            } else {
+                content::echo_frame(self.seed, c.index, seq, self.size)
+            };
+            (wire, arm)
         };
         add(&self.live.sent, 1);
         add(&self.live.outstanding, 1);
@@ -195,6 +204,54 @@ impl Load {
         ctx.send(wire);
         if arm {
             let _ = ctx.set_timer(self.reply_timeout, TIMER_WATCHDOG);
+        }
+    }
+
+    /// An echo came back whole on this connection; `body_ok(connection
+    /// index, message number)` says whether it is the message sent.
+    /// Records it, and sends the next message as the mode says.
+    fn echo_received(&self, ctx: &mut Ctx<'_>, body_ok: impl FnOnce(u64, u64) -> bool) {
+        let now = Instant::now();
+        let Some(c) = ctx.data_mut::<ConnLoad>() else {
+            return;
+        };
+        let Some(sent_at) = c.inflight.pop_front() else {
+            // Nothing was asked: a frame we cannot match is a mismatch.
+            add(&self.live.mismatches, 1);
+            return;
+        };
+        let seq = c.received;
+        c.received += 1;
+        let ok = body_ok(c.index, seq);
+        let (received, last_send, empty) = (c.received, c.last_send, c.inflight.is_empty());
+        let done = self.mode == Mode::Interval && received >= self.messages;
+        if done {
+            c.done = true;
+        }
+        sub(&self.live.outstanding, 1);
+        add(&self.live.received, 1);
+        if !ok {
+            add(&self.live.mismatches, 1);
+        }
+        self.latency
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .record(now.duration_since(sent_at));
+        if done {
+            add(&self.live.settled, 1);
+            return;
+        }
+        if !self.sending.load(Ordering::Relaxed) {
+            return;
+        }
+        match self.mode {
+            Mode::Interval => {
+                if empty {
+                    let due = last_send + self.interval;
+                    let _ = ctx.set_timer(due.saturating_duration_since(now), TIMER_NEXT);
+                }
+            }
+            Mode::Pingpong | Mode::Flood => self.send_next(ctx),
         }
     }
 
@@ -267,49 +324,40 @@ impl Handler for Load {
             }
             return;
         }
-        let now = Instant::now();
-        let Some(c) = ctx.data_mut::<ConnLoad>() else {
-            return;
-        };
-        let Some(sent_at) = c.inflight.pop_front() else {
-            // Nothing was asked: a frame we cannot match is a mismatch.
-            add(&self.live.mismatches, 1);
-            return;
-        };
-        let seq = c.received;
-        c.received += 1;
-        let ok = frame.cmd() == cmd::ECHO
-            && frame.body_len() == self.size
-            && content::verify(self.seed, c.index, seq, &frame.body());
-        let (received, last_send, empty) = (c.received, c.last_send, c.inflight.is_empty());
-        let done = self.mode == Mode::Interval && received >= self.messages;
-        if done {
-            c.done = true;
-        }
-        sub(&self.live.outstanding, 1);
-        add(&self.live.received, 1);
-        if !ok {
-            add(&self.live.mismatches, 1);
-        }
-        self.latency
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .record(now.duration_since(sent_at));
-        if done {
-            add(&self.live.settled, 1);
-            return;
-        }
-        if !self.sending.load(Ordering::Relaxed) {
-            return;
-        }
-        match self.mode {
-            Mode::Interval => {
-                if empty {
-                    let due = last_send + self.interval;
-                    let _ = ctx.set_timer(due.saturating_duration_since(now), TIMER_NEXT);
+        self.echo_received(ctx, |index, seq| {
+            frame.cmd() == cmd::ECHO
+                && frame.body_len() == self.size
+                && content::verify(self.seed, index, seq, &frame.body())
+        });
+    }
+
+    fn on_data(&self, ctx: &mut Ctx<'_>, mut data: &[u8]) {
+        // Raw mode: echoes come back in whatever pieces TCP makes; a
+        // message is whole once `size` bytes of it are in.
+        add(&self.live.bytes_in, data.len() as u64);
+        while !data.is_empty() {
+            let Some(c) = ctx.data_mut::<ConnLoad>() else {
+                return;
+            };
+            if c.inflight.is_empty() {
+                // Bytes nobody asked for: a mismatch, and the rest of
+                // this piece cannot be matched either.
+                add(&self.live.mismatches, 1);
+                return;
+            }
+            let take = (self.size - c.partial.len()).min(data.len());
+            c.partial.extend_from_slice(&data[..take]);
+            data = &data[take..];
+            if c.partial.len() == self.size {
+                let mut body = std::mem::take(&mut c.partial);
+                self.echo_received(ctx, |index, seq| {
+                    content::verify(self.seed, index, seq, &body)
+                });
+                body.clear();
+                if let Some(c) = ctx.data_mut::<ConnLoad>() {
+                    c.partial = body;
                 }
             }
-            Mode::Pingpong | Mode::Flood => self.send_next(ctx),
         }
     }
 
@@ -455,6 +503,7 @@ pub(crate) fn run_slice(
 ) -> io::Result<Counts> {
     let load = Arc::new(Load {
         mode: cfg.mode,
+        raw: cfg.raw,
         messages: cfg.messages,
         interval: cfg.interval,
         size: cfg.size,
@@ -470,6 +519,9 @@ pub(crate) fn run_slice(
     let mut ecfg = crate::client::engine_config(cfg.backend);
     ecfg.workers = cfg.threads;
     ecfg.ports = cfg.threads;
+    if cfg.raw {
+        ecfg.protocol = crate::server::Protocol::Raw;
+    }
     // Our own reply timeout reaps a silent server; keepalive would only add
     // a syscall per connect.
     ecfg.keepalive = None;
@@ -509,6 +561,7 @@ pub(crate) fn run_slice(
                 watchdog: false,
                 done: false,
                 failure: None,
+                partial: Vec::new(),
             };
             load.states[slot].store(CONNECTING, Ordering::Release);
             add(&load.live.pending, 1);

@@ -26,7 +26,14 @@ pub fn process_usage_of(pid: u32) -> Option<ProcessUsage> {
     usage_in(&format!("/proc/{pid}"))
 }
 
-fn usage_in(dir: &str) -> Option<ProcessUsage> {
+/// The CPU time and RSS of process `pid` from `/proc/PID/stat` alone (no
+/// descriptor count: cheap enough to sample several times a second while
+/// the process holds thousands of sockets); `None` if it is gone.
+pub fn process_cpu_rss_of(pid: u32) -> Option<(Duration, u64)> {
+    cpu_rss_in(&format!("/proc/{pid}"))
+}
+
+fn cpu_rss_in(dir: &str) -> Option<(Duration, u64)> {
     let stat = std::fs::read_to_string(format!("{dir}/stat")).ok()?;
     // Fields after the command name, which may contain spaces, so split
     // after the closing parenthesis.
@@ -41,14 +48,54 @@ fn usage_in(dir: &str) -> Option<ProcessUsage> {
     let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
     // SAFETY: as above.
     let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as u64;
+    Some((
+        Duration::from_nanos((utime + stime) * 1_000_000_000 / tick),
+        rss_pages * page,
+    ))
+}
+
+fn usage_in(dir: &str) -> Option<ProcessUsage> {
+    let (cpu, rss) = cpu_rss_in(dir)?;
     let fds = std::fs::read_dir(format!("{dir}/fd"))
         .map(|d| d.count() as u64)
         .unwrap_or(0);
-    Some(ProcessUsage {
-        cpu: Duration::from_nanos((utime + stime) * 1_000_000_000 / tick),
-        rss: rss_pages * page,
-        fds,
-    })
+    Some(ProcessUsage { cpu, rss, fds })
+}
+
+/// Connections waiting in the accept queues of the TCP listeners on local
+/// port `port` (all addresses, IPv4 and IPv6, every SO_REUSEPORT socket),
+/// from `/proc/net/tcp*`: 0 once the server has accepted every connection
+/// made to it. `None` if no listener on that port is found.
+pub fn accept_queue_len(port: u16) -> Option<u64> {
+    let mut found = false;
+    let mut total = 0;
+    for file in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(file) else {
+            continue;
+        };
+        // "sl local_address rem_address st tx_queue:rx_queue ..."; for a
+        // listener (st 0A) rx_queue is its accept queue length.
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().take(5).collect();
+            if f.len() < 5 || f[3] != "0A" {
+                continue;
+            }
+            let lport = f[1]
+                .rsplit(':')
+                .next()
+                .and_then(|h| u16::from_str_radix(h, 16).ok());
+            if lport != Some(port) {
+                continue;
+            }
+            let rx = f[4]
+                .split(':')
+                .nth(1)
+                .and_then(|h| u64::from_str_radix(h, 16).ok());
+            found = true;
+            total += rx.unwrap_or(0);
+        }
+    }
+    found.then_some(total)
 }
 
 /// The ephemeral port range (`net.ipv4.ip_local_port_range`) as
@@ -176,4 +223,19 @@ pub fn open_beneath(root: &std::fs::File, path: &str) -> std::io::Result<std::fs
 /// Whether an error from [`open_beneath`] means the path tried to leave the root.
 pub fn is_escape(e: &std::io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::EXDEV) | Some(libc::ELOOP))
+}
+
+/// Whether the running kernel is at least `major.minor` (from
+/// /proc/sys/kernel/osrelease; an unreadable release counts as new enough,
+/// so a feature then fails loudly instead of being skipped silently).
+pub(crate) fn kernel_at_least(major: u32, minor: u32) -> bool {
+    let Ok(release) = std::fs::read_to_string("/proc/sys/kernel/osrelease") else {
+        return true;
+    };
+    let mut parts = release
+        .trim()
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    let have = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    have >= (major, minor)
 }
