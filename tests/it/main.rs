@@ -37,5 +37,6 @@ mod scale;
 mod services;
 mod shutdown;
 mod shutdown_load;
+mod slot_reuse;
 mod soak;
 mod stress;
