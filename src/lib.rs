@@ -17,7 +17,10 @@
 //! docs/DESIGN.md describes the life of an operation and of a connection.
 #![deny(missing_docs, missing_debug_implementations, rust_2018_idioms)]
 #![warn(clippy::undocumented_unsafe_blocks)]
+// Under the loom models (`--cfg loom`) the OS backends are built but unused.
+#![cfg_attr(loom, allow(dead_code))]
 
+pub mod admin;
 pub mod bench;
 pub mod buf;
 pub mod chart;
@@ -27,4 +30,5 @@ pub mod op;
 pub mod port;
 pub mod server;
 pub mod stress;
+mod sync;
 pub mod units;

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
 
+use cport::admin::{Admin, AdminError};
 use cport::port::sys;
 use cport::server::{Engine, EngineConfig, Protocol, Services, StatsSnapshot};
 
@@ -98,6 +99,14 @@ pub(crate) struct ServerArgs {
     /// How often to log a one-line summary at info.
     #[arg(long, value_name = "DUR", value_parser = parse_duration, default_value = "5s")]
     summary_every: Duration,
+    /// Serve /metrics (Prometheus), /stats (JSON) and a live dashboard at /
+    /// on this address, e.g. 127.0.0.1:9100 (off by default; loopback only
+    /// unless --admin-public).
+    #[arg(long, value_name = "ADDR", value_parser = parse_addr)]
+    admin: Option<SocketAddr>,
+    /// Allow --admin on an address other hosts can reach.
+    #[arg(long, requires = "admin")]
+    admin_public: bool,
     /// Log level.
     #[arg(long, default_value = "info", value_parser = ["off", "error", "warn", "info", "debug", "trace"])]
     log: String,
@@ -125,6 +134,10 @@ pub(crate) fn run(a: ServerArgs) -> anyhow::Result<i32> {
         bail!(
             "--workers {workers} is less than --ports {ports}: every port needs at least one worker"
         );
+    }
+    if let Some(addr) = a.admin {
+        // Before anything starts: a refused address is a bad flag.
+        cport::admin::check_addr(addr, a.admin_public).map_err(|e| admin_error(addr, e))?;
     }
     let fd_limit = sys::raise_fd_limit().unwrap_or(1024);
     let mut cfg = EngineConfig {
@@ -162,6 +175,21 @@ pub(crate) fn run(a: ServerArgs) -> anyhow::Result<i32> {
         })?,
         None => Services::new(),
     };
+    // The handler goes in before anything listens: a SIGTERM that comes
+    // as soon as the first connection is served must shut down cleanly,
+    // not kill the process.
+    let (tx, rx) = mpsc::channel();
+    let mut signals = 0u32;
+    ctrlc::set_handler(move || {
+        signals += 1;
+        if signals > 1 {
+            eprintln!("second interrupt: exiting without waiting");
+            std::process::exit(130);
+        }
+        let _ = tx.send(());
+    })
+    .context("cannot install the signal handler")?;
+
     let mut engine = Engine::start(cfg.clone(), Arc::new(services))
         .with_context(|| super::start_failure(backend))?;
     let max_conns = match a.max_conns {
@@ -186,17 +214,18 @@ pub(crate) fn run(a: ServerArgs) -> anyhow::Result<i32> {
         );
     }
 
-    let (tx, rx) = mpsc::channel();
-    let mut signals = 0u32;
-    ctrlc::set_handler(move || {
-        signals += 1;
-        if signals > 1 {
-            eprintln!("second interrupt: exiting without waiting");
-            std::process::exit(130);
+    let admin = match a.admin {
+        Some(addr) => {
+            let admin = Admin::start(addr, a.admin_public, engine.observer())
+                .map_err(|e| admin_error(addr, e))?;
+            tracing::info!(
+                "admin endpoint on http://{}/ (/metrics, /stats)",
+                admin.local_addr()
+            );
+            Some(admin)
         }
-        let _ = tx.send(());
-    })
-    .context("cannot install the signal handler")?;
+        None => None,
+    };
 
     let mut last = (Instant::now(), engine.stats());
     loop {
@@ -209,6 +238,9 @@ pub(crate) fn run(a: ServerArgs) -> anyhow::Result<i32> {
             }
         }
     }
+    if let Some(admin) = admin {
+        admin.stop();
+    }
     tracing::info!(
         "shutting down: no new connections; flushing for up to {:?}",
         a.shutdown_grace
@@ -219,6 +251,17 @@ pub(crate) fn run(a: ServerArgs) -> anyhow::Result<i32> {
         tracing::error!("operations or buffers were still outstanding at exit");
     }
     Ok(0)
+}
+
+fn admin_error(addr: SocketAddr, e: AdminError) -> anyhow::Error {
+    match e {
+        AdminError::NotLoopback(_) => anyhow::anyhow!(
+            "--admin {addr}: {e}; use a loopback address such as 127.0.0.1:9100, or add --admin-public to serve it anyway"
+        ),
+        AdminError::Bind { .. } => {
+            anyhow::anyhow!("--admin: {e} (is another program using it? pick another port)")
+        }
+    }
 }
 
 /// What the descriptor limit allows, minus a reserve for listeners, the

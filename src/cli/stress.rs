@@ -122,7 +122,8 @@ pub(crate) struct StressArgs {
     /// Also write the report as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
-    /// Also write the text report to FILE.
+    /// Also write the report to FILE: a self-contained HTML page with
+    /// charts when FILE ends in .html or .htm, else the text report.
     #[arg(long, value_name = "FILE")]
     report: Option<PathBuf>,
     /// Seed of the message contents.
@@ -246,7 +247,17 @@ pub(crate) fn run_stress(a: StressArgs) -> anyhow::Result<i32> {
         writeln!(f, "{body}").context("cannot write the JSON report")?;
     }
     if let Some(f) = &mut text {
-        f.write_all(rendered.as_bytes())
+        let html = a.report.as_deref().is_some_and(|p| {
+            p.extension()
+                .and_then(|e| e.to_str())
+                .is_some_and(|e| e.eq_ignore_ascii_case("html") || e.eq_ignore_ascii_case("htm"))
+        });
+        let body = if html {
+            report.render_html()
+        } else {
+            rendered.clone()
+        };
+        f.write_all(body.as_bytes())
             .context("cannot write the report")?;
     }
     if !report.ok {

@@ -90,6 +90,38 @@ impl Latency {
         }
     }
 
+    /// The round trip at percentile `p` (0 to 100), in µs (0 when empty).
+    pub fn value_at_percentile(&self, p: f64) -> u64 {
+        self.hist.value_at_percentile(p.clamp(0.0, 100.0))
+    }
+
+    /// `n` equal-width bins from the fastest round trip to `upto` µs, as
+    /// (from, to, count); round trips above `upto` are left out (so a few
+    /// slow ones do not squeeze the rest into one bar). Empty when nothing
+    /// was recorded.
+    pub fn bins(&self, n: usize, upto: u64) -> Vec<(u64, u64, u64)> {
+        if self.hist.is_empty() || n == 0 {
+            return Vec::new();
+        }
+        let lo = self.hist.min();
+        let hi = upto.max(lo + 1);
+        let width = (hi - lo).div_ceil(n as u64).max(1);
+        let mut bins: Vec<(u64, u64, u64)> = (0..n as u64)
+            .map(|i| (lo + i * width, lo + (i + 1) * width, 0))
+            .take_while(|b| b.0 <= hi)
+            .collect();
+        for v in self.hist.iter_recorded() {
+            let x = self.hist.highest_equivalent(v.value_iterated_to());
+            let x = x.max(lo);
+            if x > hi {
+                continue;
+            }
+            let i = (((x - lo) / width) as usize).min(bins.len() - 1);
+            bins[i].2 += v.count_at_value();
+        }
+        bins
+    }
+
     /// The histogram as (value, count) pairs, one per non-empty bucket: a
     /// few thousand pairs at most, and exact to the histogram's precision
     /// when read back with [`from_counts`](Self::from_counts).
@@ -114,6 +146,21 @@ impl Latency {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bins_cover_the_values_up_to_the_bound() {
+        let mut l = Latency::new();
+        for us in [100, 150, 199, 200, 900, 5000] {
+            l.record(Duration::from_micros(us));
+        }
+        let b = l.bins(9, 1000);
+        assert_eq!(b[0].0, 100);
+        assert_eq!(b.iter().map(|x| x.2).sum::<u64>(), 5, "{b:?}");
+        assert!(b.windows(2).all(|w| w[0].1 == w[1].0));
+        let max = l.value_at_percentile(100.0);
+        assert!((5000..=5005).contains(&max), "{max}");
+        assert!(Latency::new().bins(10, 10).is_empty());
+    }
 
     #[test]
     fn counts_round_trip_and_merge() {

@@ -694,6 +694,59 @@ mod tests {
             prop_assert_eq!(d.capacity(), 0);
         }
 
+        /// (e) Encode → decode round trip through every encoder, fed with
+        /// a random mix of `feed` and `feed_buf` at random sizes; ERROR
+        /// frames give back their code and message.
+        #[test]
+        fn round_trip_every_encoder_mixed_feeds(
+            items in prop::collection::vec(
+                (0u8..4, any::<u32>(), prop::collection::vec(any::<u8>(), 0..300)),
+                0..12,
+            ),
+            pieces in prop::collection::vec((any::<bool>(), any::<prop::sample::Index>()), 1..32),
+        ) {
+            let frames: Vec<Frame> = items
+                .iter()
+                .map(|(kind, c, body)| match kind {
+                    0 => Frame::new(*c, body),
+                    1 => Frame::from_parts(*c, Bytes::copy_from_slice(body)),
+                    2 => {
+                        let mut d = Decoder::new(u32::MAX);
+                        d.feed(&encode(*c, body));
+                        d.decode().unwrap().unwrap()
+                    }
+                    _ => error_frame(*c, &String::from_utf8_lossy(body)),
+                })
+                .collect();
+            let stream = stream_of(&frames);
+            let mut d = Decoder::new(300 + 4 * 300);
+            let mut out = Vec::new();
+            let (mut pos, mut i) = (0, 0);
+            while pos < stream.len() {
+                let (by_buf, size) = pieces[i % pieces.len()];
+                i += 1;
+                let n = size.index(stream.len() - pos) + 1;
+                if by_buf {
+                    d.feed_buf(BytesMut::from(&stream[pos..pos + n]));
+                } else {
+                    d.feed(&stream[pos..pos + n]);
+                }
+                pos += n;
+                drain(&mut d, &mut out);
+            }
+            prop_assert_eq!(&out, &frames);
+            prop_assert_eq!(d.buffered(), 0);
+            for (f, (kind, c, body)) in out.iter().zip(&items) {
+                if *kind == 3 {
+                    let msg = String::from_utf8_lossy(body).into_owned();
+                    prop_assert_eq!(f.error_parts(), Some((*c, msg)));
+                } else {
+                    prop_assert_eq!(f.cmd(), *c);
+                    prop_assert_eq!(&f.body()[..], &body[..]);
+                }
+            }
+        }
+
         /// (d) Garbage never panics: frames, need-more, or TooLarge.
         #[test]
         fn garbage_never_panics(

@@ -120,6 +120,17 @@ pub enum Op {
         /// The connected socket.
         socket: Sock,
     },
+    /// Receive repeatedly: one submission yields an
+    /// [`Outcome::ReceivedMulti`] per arrival, each in a pooled buffer,
+    /// until it ends (`more == false`: EOF, an error, an empty pool, or a
+    /// cancel). On io_uring this is a multishot receive, so a busy
+    /// connection costs no submission per read; backends without one run
+    /// it as a single receive that ends after its first completion.
+    /// Cancel it to stop reading.
+    RecvMulti {
+        /// The connected socket.
+        socket: Sock,
+    },
     /// Send several buffers in one gathered send (`sendmsg` with an iovec
     /// per buffer). The completion may report fewer bytes than queued; the
     /// caller resumes with the rest.
@@ -187,6 +198,7 @@ impl Op {
         match self {
             Op::Accept { .. } => OpKind::Accept,
             Op::Recv { .. } => OpKind::Recv,
+            Op::RecvMulti { .. } => OpKind::RecvMulti,
             Op::Send { .. } => OpKind::Send,
             Op::SendFile { .. } => OpKind::SendFile,
             Op::Connect { .. } => OpKind::Connect,
@@ -204,6 +216,8 @@ pub enum OpKind {
     Accept,
     /// [`Op::Recv`].
     Recv,
+    /// [`Op::RecvMulti`].
+    RecvMulti,
     /// [`Op::Send`].
     Send,
     /// [`Op::SendFile`].
@@ -224,6 +238,7 @@ impl OpKind {
         match self {
             OpKind::Accept => "accept",
             OpKind::Recv => "recv",
+            OpKind::RecvMulti => "recv_multi",
             OpKind::Send => "send",
             OpKind::SendFile => "send_file",
             OpKind::Connect => "connect",
@@ -248,6 +263,15 @@ pub enum Outcome {
     /// Received bytes in a pooled buffer; an empty buffer means the peer
     /// closed its sending side (EOF).
     Received(io::Result<RecvBuf>),
+    /// One arrival of an [`Op::RecvMulti`] (as [`Outcome::Received`]);
+    /// `more` says whether the receive stays armed. The last one
+    /// (`more == false`) may carry data, EOF or the error that ended it.
+    ReceivedMulti {
+        /// Bytes received, EOF (empty), or the error.
+        result: io::Result<RecvBuf>,
+        /// Whether the receive stays armed.
+        more: bool,
+    },
     /// A send finished: bytes written, and the buffers back.
     Sent {
         /// Bytes the kernel accepted.
@@ -290,6 +314,11 @@ impl fmt::Debug for Outcome {
             Outcome::Received(r) => f
                 .debug_tuple("Received")
                 .field(&r.as_ref().map(|b| b.len()))
+                .finish(),
+            Outcome::ReceivedMulti { result, more } => f
+                .debug_struct("ReceivedMulti")
+                .field("len", &result.as_ref().map(|b| b.len()))
+                .field("more", more)
                 .finish(),
             Outcome::Sent { result, bufs } => f
                 .debug_struct("Sent")

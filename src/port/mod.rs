@@ -23,16 +23,24 @@
 //! is behind [`sys`]'s backend contract. See docs/DESIGN.md for the life of
 //! an operation and why only worker threads enter the kernel.
 
+#[cfg(loom)]
+mod model;
 pub mod sys;
 
+// The port's scheduling runs on the OS backend, or on a model kernel when
+// loom checks it (`--cfg loom`, see `model`).
+#[cfg(loom)]
+use model::Backend;
+#[cfg(not(loom))]
+use sys::Backend;
+
+use crate::sync::thread::{self, Thread};
+use crate::sync::{Arc, AtomicBool, Mutex, MutexGuard, Ordering};
 use std::cell::Cell;
 use std::collections::VecDeque;
 use std::fmt;
 use std::io;
 use std::marker::PhantomData;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::thread::{self, Thread};
 use std::time::{Duration, Instant};
 
 use socket2::Socket;
@@ -92,8 +100,14 @@ pub struct PortConfig {
     pub backend: BackendKind,
     /// At most this many workers process completions at once (default: cores).
     pub concurrency: usize,
-    /// Submission-queue entries (the completion queue gets four times as many).
+    /// Submission-queue entries (the completion queue gets four times as
+    /// many unless `cq_entries` says otherwise).
     pub entries: u32,
+    /// Completion-queue entries (0: four times `entries`; at least
+    /// `entries`). Small rings are for testing what happens when the queues
+    /// fill up; the environment variable `CPORT_RING_ENTRIES=SQ[:CQ]`
+    /// overrides both sizes for every io_uring port of a process.
+    pub cq_entries: u32,
     /// Receive buffers in the pool (rounded up to a power of two).
     pub recv_bufs: u32,
     /// Size of each receive buffer in bytes.
@@ -115,12 +129,30 @@ impl Default for PortConfig {
             backend: BackendKind::Auto,
             concurrency: thread::available_parallelism().map_or(2, |n| n.get()),
             entries: 4096,
+            cq_entries: 0,
             recv_bufs: 4096,
             recv_buf_size: 4096,
             single_worker: false,
             direct_files: 0,
         }
     }
+}
+
+/// Queue-limit counters of a port's backend (see
+/// [`CompletionPort::ring_stats`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RingStats {
+    /// Completions the kernel dropped because the completion queue and its
+    /// overflow list were full (io_uring's `cq_overflow` counter). A dropped
+    /// completion is a lost operation: this must stay 0.
+    pub cq_overflow: u64,
+    /// Times the leader found the completion queue full when it reaped:
+    /// further completions then wait in the kernel's overflow list (not
+    /// lost) until the next reap.
+    pub cq_full: u64,
+    /// Submissions that found the submission queue full and waited in the
+    /// backend's own backlog until a worker could hand them over.
+    pub sq_full: u64,
 }
 
 /// A completion port. Cheap to clone; all clones are the same port.
@@ -130,7 +162,7 @@ pub struct CompletionPort {
 }
 
 struct Inner {
-    sys: sys::Backend,
+    sys: Backend,
     state: Mutex<State>,
     concurrency: usize,
 }
@@ -152,7 +184,7 @@ struct Waiter {
     notified: AtomicBool,
 }
 
-thread_local! {
+crate::sync::thread_local! {
     /// The port whose worker runs on this thread (address of its `Inner`).
     static WORKER_OF: Cell<usize> = const { Cell::new(0) };
 }
@@ -170,7 +202,7 @@ impl fmt::Debug for CompletionPort {
 impl CompletionPort {
     /// Creates a port on the backend `config.backend` asks for.
     pub fn new(config: &PortConfig) -> io::Result<CompletionPort> {
-        let sys = sys::Backend::new(config)?;
+        let sys = Backend::new(config)?;
         Ok(CompletionPort {
             inner: Arc::new(Inner {
                 sys,
@@ -254,6 +286,13 @@ impl CompletionPort {
     /// Pooled receive buffers currently lent out.
     pub fn bufs_leased(&self) -> usize {
         self.inner.sys.bufs_leased()
+    }
+
+    /// How the backend's kernel queues coped with their limits: completions
+    /// the kernel dropped, and how often the completion queue was found
+    /// full (always zero on backends without such queues).
+    pub fn ring_stats(&self) -> RingStats {
+        self.inner.sys.ring_stats()
     }
 
     /// Completions reaped or posted and not yet taken by a worker.

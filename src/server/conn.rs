@@ -121,7 +121,12 @@ pub(crate) struct ConnState {
     files_queued: usize,
     pub(crate) queued: usize,
     pub(crate) send_op: Option<OpId>,
+    /// The multishot receive, armed until it ends (EOF, error, empty pool
+    /// or cancel).
     pub(crate) recv_op: Option<OpId>,
+    /// `recv_op` was cancelled because reading must stop; its final
+    /// completion (`ECANCELED`) is expected, not an error.
+    recv_cancelled: bool,
     pub(crate) connect_op: Option<OpId>,
     /// Keys of this connection's armed timers in its port's timer queue.
     timers: Vec<TimerKey>,
@@ -135,7 +140,8 @@ pub(crate) struct ConnState {
     linger: bool,
     shut: bool,
     pub(crate) finalized: bool,
-    /// When bytes last arrived (for the idle timeout).
+    /// When bytes last arrived or a send last made progress (for the idle
+    /// timeout: a connection receiving a long reply is not idle).
     last_activity: Instant,
     /// The flush deadline of a closing connection is armed.
     flush_deadline: bool,
@@ -156,6 +162,7 @@ impl ConnState {
             queued: 0,
             send_op: None,
             recv_op: None,
+            recv_cancelled: false,
             connect_op: None,
             timers: Vec::new(),
             read_eof: false,
@@ -310,7 +317,7 @@ fn decode_frames(shared: &Shared, conn: &Conn, st: &mut ConnState) -> usize {
         match st.decoder.decode() {
             Ok(Some(f)) => {
                 n += 1;
-                shared.stats.frame_in(f.body_len());
+                shared.stats.frame_in(f.cmd(), f.body_len());
                 let h = shared.handler.clone();
                 h.on_frame(&mut Ctx { conn, st, shared }, f);
             }
@@ -435,13 +442,23 @@ pub(crate) fn progress(shared: &Shared, conn: &Conn, st: &mut ConnState) {
         && !over_cap
         && !st.retry_wait
         && (st.closing.is_none() || st.linger);
+    if let (false, Some(op), false) = (want_recv, st.recv_op, st.recv_cancelled) {
+        // Stop reading: what arrives before the cancel lands is still
+        // handled (it is bounded by the socket's receive buffer).
+        st.recv_cancelled = true;
+        let _ = port.cancel(op);
+    }
     if want_recv && st.recv_op.is_none() {
-        match port.submit(
-            conn.id.key(),
-            Op::Recv {
-                socket: conn.socket.clone(),
-            },
-        ) {
+        // A multishot receive hands out one completion per arrival, so two
+        // workers of one port could take two of them at once and handle
+        // them out of order: only a port with a single worker uses it.
+        let socket = conn.socket.clone();
+        let op = if shared.single_worker(conn.id) {
+            Op::RecvMulti { socket }
+        } else {
+            Op::Recv { socket }
+        };
+        match port.submit(conn.id.key(), op) {
             Ok(id) => st.recv_op = Some(id),
             Err(e) => {
                 st.close(
@@ -498,6 +515,13 @@ fn finalize(shared: &Shared, conn: &Conn, st: &mut ConnState) {
     shared.remove_conn(conn.id);
     let (reason, error) = st.closing.take().unwrap_or((CloseReason::Local, None));
     shared.stats.closed(reason, st.was_open);
+    shared.stats.event_disconnect(
+        conn.id,
+        conn.peer,
+        reason,
+        error.as_deref(),
+        (st.bytes_in, st.bytes_out),
+    );
     tracing::debug!(
         conn = %conn.id,
         peer = ?conn.peer,
@@ -535,6 +559,9 @@ pub(crate) fn on_sent(
         Ok(n) => {
             st.bytes_out += n as u64;
             shared.stats.bytes_out(n);
+            if n > 0 {
+                st.last_activity = Instant::now();
+            }
             st.unqueue(shared, n);
             // Put back what the kernel did not take, in order.
             let mut skip = n;
@@ -589,6 +616,7 @@ pub(crate) fn on_sent_file(shared: &Shared, st: &mut ConnState, result: io::Resu
         Ok(n) => {
             st.bytes_out += n as u64;
             shared.stats.bytes_out(n);
+            st.last_activity = Instant::now();
             if n < len && !st.shut && (st.closing.is_none() || st.draining) {
                 st.sendq.push_front(Chunk::File {
                     file,
@@ -642,7 +670,7 @@ fn deliver_inbox(shared: &Shared, st: &mut ConnState, frame: Bytes) {
         );
         return;
     }
-    shared.stats.frame_out(0);
+    shared.stats.wire_out(&frame);
     st.enqueue(shared, frame);
 }
 
@@ -652,8 +680,13 @@ pub(crate) fn on_recv_done(
     conn: &Conn,
     st: &mut ConnState,
     result: io::Result<crate::buf::RecvBuf>,
+    more: bool,
 ) {
-    st.recv_op = None;
+    let mut cancelled = false;
+    if !more {
+        st.recv_op = None;
+        cancelled = std::mem::take(&mut st.recv_cancelled);
+    }
     match result {
         Ok(buf) if !buf.is_empty() => on_received(shared, conn, st, &buf),
         Ok(_) => {
@@ -665,6 +698,8 @@ pub(crate) fn on_recv_done(
                 None,
             );
         }
+        // We stopped reading on purpose; `progress` re-arms when it may.
+        Err(e) if cancelled && e.raw_os_error() == Some(libc::ECANCELED) => {}
         Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
             // The pool is empty for a moment: try again shortly instead of
             // spinning.
@@ -727,7 +762,7 @@ pub(crate) fn on_internal_timer(shared: &Shared, conn: &Conn, st: &mut ConnState
                 ctx.send_error(
                     frame::code::IDLE_TIMEOUT,
                     &format!(
-                        "idle timeout: nothing received for {}s",
+                        "idle timeout: nothing sent or received for {}s",
                         limit.as_secs_f64()
                     ),
                 );

@@ -24,7 +24,7 @@ use crate::server::conn::{
     self, CLOSE_POST, CloseMode, Conn, ConnState, INBOX_POST, INTERNAL_TIMER,
 };
 use crate::server::handler::{Ctx, Handler};
-use crate::server::stats::{CloseReason, Stats, StatsSnapshot};
+use crate::server::stats::{self, CloseReason, Observer, Stats, StatsSnapshot};
 use crate::server::{ConnId, Summary};
 
 /// Wire protocol of an engine's connections.
@@ -296,7 +296,13 @@ impl EngineRef<'_> {
     /// Counts a frame sent by other means than `Ctx::send_frame` (e.g. a
     /// header followed by a file).
     pub fn count_frame_out(&self) {
-        self.shared.stats.frame_out(0);
+        self.shared.stats.frame_out(0, 0);
+    }
+
+    /// Like [`count_frame_out`](Self::count_frame_out), for a frame of
+    /// command `cmd` with a `body_len`-byte body (counted by command).
+    pub fn count_frame_out_of(&self, cmd: u32, body_len: usize) {
+        self.shared.stats.frame_out(cmd, body_len);
     }
 
     /// Connections open now.
@@ -352,7 +358,7 @@ impl Engine {
             max_queued_total: cfg.max_queued_total,
             file_copy_below: cfg.file_copy_below,
             queued_total: AtomicUsize::new(0),
-            stats: Stats::default(),
+            stats: Stats::new(cfg.workers),
             listeners: Mutex::new(Vec::new()),
             stopping: AtomicBool::new(false),
             exiting: AtomicBool::new(false),
@@ -366,9 +372,10 @@ impl Engine {
         for p in 0..shared.ports.len() {
             for w in 0..shared.ports[p].workers {
                 let s = shared.clone();
+                let index = threads.len();
                 let t = thread::Builder::new()
                     .name(format!("cport-p{p}w{w}"))
-                    .spawn(move || worker_main(s, p))?;
+                    .spawn(move || worker_main(s, p, index))?;
                 threads.push(t);
             }
         }
@@ -394,6 +401,14 @@ impl Engine {
             .iter()
             .map(|p| p.port.direct_capacity())
             .sum()
+    }
+
+    /// A handle on the counters and the event log that any thread may keep
+    /// (the admin endpoint's).
+    pub fn observer(&self) -> Observer {
+        Observer {
+            shared: self.shared.clone(),
+        }
     }
 
     /// Changes the connection limit.
@@ -556,12 +571,14 @@ impl Drop for Engine {
     }
 }
 
-fn worker_main(shared: Arc<Shared>, p: usize) {
+fn worker_main(shared: Arc<Shared>, p: usize, index: usize) {
     let mut worker = shared.ports[p].port.worker();
     let mut batch = Vec::with_capacity(32);
+    stats::set_worker_shard(index);
     loop {
         let timeout = shared.next_timeout(p);
         let r = worker.get_many(&mut batch, 32, Some(timeout));
+        shared.stats.completions(index, batch.len());
         shared.ports[p]
             .wait_until
             .store(u64::MAX, Ordering::Relaxed);
@@ -726,6 +743,12 @@ impl Shared {
         &self.ports[id.port()].port
     }
 
+    /// Whether the connection's port has a single worker, which alone may
+    /// use multishot receives (see `conn::progress`).
+    pub(crate) fn single_worker(&self, id: ConnId) -> bool {
+        self.ports[id.port()].workers == 1
+    }
+
     fn outstanding(&self) -> usize {
         self.ports.iter().map(|p| p.port.outstanding()).sum()
     }
@@ -753,9 +776,19 @@ impl Shared {
             outstanding_ops: self.outstanding() as u64,
             bufs_leased: self.bufs_leased() as u64,
             uptime_s: self.started.elapsed().as_secs_f64(),
+            send_queue_bytes: self.queued_total.load(Ordering::Relaxed) as u64,
             ..StatsSnapshot::default()
         };
-        self.stats.fill(&mut s);
+        let names: Vec<String> = (0..self.ports.len())
+            .flat_map(|p| (0..self.ports[p].workers).map(move |w| format!("p{p}w{w}")))
+            .collect();
+        self.stats.fill(&mut s, &names);
+        for p in &self.ports {
+            let r = p.port.ring_stats();
+            s.cq_overflow += r.cq_overflow;
+            s.cq_full += r.cq_full;
+            s.sq_full += r.sq_full;
+        }
         if let Some(u) = crate::port::sys::process_usage() {
             s.cpu_s = Some(u.cpu.as_secs_f64());
             s.rss_bytes = Some(u.rss);
@@ -1020,6 +1053,8 @@ impl Shared {
         if last.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1)) {
             *last = Some(now);
             tracing::warn!("accept failed: {e}");
+            self.stats
+                .event_error(None, None, "accept_failed", &e.to_string());
         }
     }
 
@@ -1047,6 +1082,7 @@ impl Shared {
         let mut st = conn.st.lock().unwrap_or_else(|e| e.into_inner());
         st.was_open = true;
         tracing::debug!(conn = %conn.id, peer = ?conn.peer, "connect");
+        self.stats.event_connect(conn.id, conn.peer);
         let over = self.stats.open() > self.max_conns.load(Ordering::Relaxed) as u64;
         let mut ctx = Ctx {
             conn: &conn,
@@ -1075,8 +1111,16 @@ impl Shared {
             self.stats.late();
             return;
         }
+        // Request handling is timed from here to the replies' submission.
+        let timed = match c.outcome {
+            Outcome::Received(_) | Outcome::ReceivedMulti { .. } => self.stats.clock(),
+            _ => None,
+        };
         match c.outcome {
-            Outcome::Received(r) => conn::on_recv_done(self, &conn, &mut st, r),
+            Outcome::Received(r) => conn::on_recv_done(self, &conn, &mut st, r, false),
+            Outcome::ReceivedMulti { result, more } => {
+                conn::on_recv_done(self, &conn, &mut st, result, more)
+            }
             Outcome::Sent { result, bufs } => conn::on_sent(self, &mut st, result, bufs),
             Outcome::SentFile { result, .. } => conn::on_sent_file(self, &mut st, result),
             Outcome::Connected { result, .. } => {
@@ -1129,5 +1173,8 @@ impl Shared {
             | Outcome::Shut(_) => {}
         }
         conn::progress(self, &conn, &mut st);
+        if let Some(t) = timed {
+            self.stats.handled(t);
+        }
     }
 }

@@ -155,7 +155,7 @@ impl Ctx<'_> {
 
     /// Queues a frame to send.
     pub fn send_frame(&mut self, frame: Frame) {
-        self.shared.stats.frame_out(frame.cmd());
+        self.shared.stats.frame_out(frame.cmd(), frame.body_len());
         self.st.enqueue(self.shared, frame.into_wire());
     }
 
@@ -172,6 +172,12 @@ impl Ctx<'_> {
     /// connection open.
     pub fn send_error(&mut self, code: u32, message: &str) {
         self.shared.stats.error_sent(code);
+        self.shared.stats.event_error(
+            Some(self.conn.id),
+            self.conn.peer,
+            frame::code::name(code),
+            message,
+        );
         self.send_frame(frame::error_frame(code, message));
         if frame::code::is_fatal(code) {
             let reason = match code {

@@ -19,7 +19,10 @@ pub use engine::{
 };
 pub use handler::{CloseInfo, Ctx, Handler, MAX_TIMER_VALUE};
 pub use services::Services;
-pub use stats::{CloseReason, Stats, StatsSnapshot};
+pub use stats::{
+    COMMANDS, CloseReason, CommandCounts, ERROR_KINDS, EVENT_LOG_LEN, Event, LatencyBucket,
+    LatencySnapshot, Observer, Stats, StatsSnapshot,
+};
 
 /// Identity of a connection: its port, its slot in that port's table, and
 /// the slot's generation, so an id never names a later connection that

@@ -85,7 +85,7 @@ impl Services {
                 &format!("{path:?} is {size} bytes, over the 4 GiB - 1 a frame can carry"),
             );
         };
-        ctx.engine().count_frame_out();
+        ctx.engine().count_frame_out_of(cmd::FILE, len as usize);
         ctx.send(Bytes::copy_from_slice(&frame::encode_header(
             cmd::FILE,
             len,

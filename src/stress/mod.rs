@@ -16,7 +16,8 @@
 //!   [`WorkerCommand`]) and merges their counts and histograms;
 //!   [`run_worker`] is the worker's side.
 //! - `probe` samples the server through a STATS control connection or its
-//!   pid; `report` assembles and prints the [`StressReport`].
+//!   pid; `report` assembles and prints the [`StressReport`], `html`
+//!   draws it as a page with charts.
 //!
 //! Every run is bounded in time: the load stops at the end of its duration
 //! (computed for interval mode when not given), replies get a bounded
@@ -24,6 +25,7 @@
 //! outlive all that are killed.
 
 mod content;
+mod html;
 mod load;
 mod probe;
 mod procs;
@@ -41,8 +43,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::port::BackendKind;
 
+pub use probe::ServerPoint;
 pub use probe::{ServerFigures, ServerWatch};
-pub use report::{ByteCounts, ConnectionCounts, MessageCounts, RunFacts, StressReport, Throughput};
+pub use report::{
+    ByteCounts, ConnectionCounts, LatencyBin, MessageCounts, PercentilePoint, RunFacts,
+    StressReport, Throughput, TimelinePoint,
+};
 
 /// How each connection loads the server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -456,6 +462,8 @@ pub fn run(
     let start = Instant::now();
     let mut all_open = false;
     let mut last: Option<(Instant, u64)> = None;
+    let mut timeline: Vec<TimelinePoint> = Vec::new();
+    let mut point_from = (0.0, Progress::default());
     let mut tick = |p: &Progress| {
         let mut p = *p;
         let now = Instant::now();
@@ -469,6 +477,22 @@ pub fn run(
         }
         last = Some((now, p.received));
         open_now.store(p.open, Ordering::Relaxed);
+        // The timeline: a point about once a second, rates since the last.
+        let dt = p.elapsed_s - point_from.0;
+        if timeline.is_empty() || dt >= 0.95 {
+            let rate = |a: u64, b: u64| b.saturating_sub(a) as f64 / dt.max(1e-3);
+            let q = &point_from.1;
+            timeline.push(TimelinePoint {
+                t_s: p.elapsed_s,
+                open: p.open,
+                opened: p.opened,
+                failed: p.failed,
+                sent_per_s: rate(q.sent, p.sent),
+                received_per_s: rate(q.received, p.received),
+                mb_per_s_received: rate(q.bytes_in, p.bytes_in) / 1e6,
+            });
+            point_from = (p.elapsed_s, p);
+        }
         if !all_open && p.open == cfg.connections {
             // The moment the server should hold the most: sample it.
             all_open = true;
@@ -490,9 +514,16 @@ pub fn run(
             .ok_or_else(|| io::Error::other("no worker command"))?;
         procs::run_procs(cfg, &plan, worker, &opts.stop, &mut tick)
     };
-    let server = probe.finish();
+    let server = probe.finish(start);
     let counts = result?;
-    Ok(report::build(cfg, &plan, counts, server, start.elapsed()))
+    Ok(report::build(
+        cfg,
+        &plan,
+        counts,
+        server,
+        start.elapsed(),
+        timeline,
+    ))
 }
 
 /// One line a worker process writes to its standard output.

@@ -54,6 +54,24 @@ pub struct ServerFigures {
     pub rss_per_connection_bytes: Option<f64>,
     /// Why sampling stopped early or never started, if it did.
     pub error: Option<String>,
+    /// The samples over the run, for charts.
+    #[serde(default)]
+    pub timeline: Vec<ServerPoint>,
+}
+
+/// One sample of the server.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct ServerPoint {
+    /// Seconds since the run started (the baseline sample is a little
+    /// before 0).
+    pub t_s: f64,
+    /// CPU since the previous point (at least 0.9 s before), in % of one
+    /// core; `None` for the first.
+    pub cpu_pct: Option<f64>,
+    /// Resident memory.
+    pub rss_bytes: u64,
+    /// Connections open at the server (less the sampler's own).
+    pub connections: u64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -76,7 +94,7 @@ const FIRST_SAMPLE_WAIT: Duration = Duration::from_secs(5);
 /// a `()` asks for a sample now.
 pub(crate) struct Probe {
     stop: Option<Sender<()>>,
-    thread: Option<JoinHandle<ServerFigures>>,
+    thread: Option<JoinHandle<(ServerFigures, Vec<Sample>)>>,
 }
 
 impl Probe {
@@ -128,10 +146,12 @@ impl Probe {
     }
 
     /// Takes a last sample, stops, and computes the figures (`None` when
-    /// not sampling).
-    pub(crate) fn finish(mut self) -> Option<ServerFigures> {
+    /// not sampling), with the timeline's times relative to `origin`.
+    pub(crate) fn finish(mut self, origin: Instant) -> Option<ServerFigures> {
         drop(self.stop.take());
-        self.thread.take()?.join().ok()
+        let (mut f, samples) = self.thread.take()?.join().ok()?;
+        f.timeline = timeline(&samples, origin);
+        Some(f)
     }
 }
 
@@ -140,7 +160,7 @@ fn sample_loop(
     make: Box<dyn FnOnce() -> Result<Sampler, String> + Send>,
     stop: Receiver<()>,
     first: Sender<()>,
-) -> ServerFigures {
+) -> (ServerFigures, Vec<Sample>) {
     let mut samples = Vec::new();
     let mut error = None;
     match make() {
@@ -169,7 +189,40 @@ fn sample_loop(
         }
     }
     let _ = first.send(());
-    figures(source, &samples, error)
+    (figures(source, &samples, error), samples)
+}
+
+/// The samples as chart points: CPU over windows of at least 0.9 s (CPU
+/// time comes in 10 ms ticks, and extra samples are taken between the
+/// periodic ones), memory and connections at every sample.
+fn timeline(s: &[Sample], origin: Instant) -> Vec<ServerPoint> {
+    let secs = |at: Instant| {
+        if at >= origin {
+            at.duration_since(origin).as_secs_f64()
+        } else {
+            -origin.duration_since(at).as_secs_f64()
+        }
+    };
+    let mut out = Vec::with_capacity(s.len());
+    let mut from: Option<&Sample> = None;
+    for x in s {
+        let cpu_pct = match from {
+            Some(a) if x.at.duration_since(a.at) >= Duration::from_millis(900) => {
+                let dt = x.at.duration_since(a.at).as_secs_f64();
+                Some(((x.cpu_s - a.cpu_s) / dt * 100.0).max(0.0))
+            }
+            Some(_) => continue,
+            None => None,
+        };
+        from = Some(x);
+        out.push(ServerPoint {
+            t_s: secs(x.at),
+            cpu_pct,
+            rss_bytes: x.rss,
+            connections: x.conns,
+        });
+    }
+    out
 }
 
 fn stats_sampler(addr: SocketAddr, backend: BackendKind) -> Result<Sampler, String> {
@@ -289,6 +342,20 @@ mod tests {
         assert_eq!(f.peak_connections, 10_000);
         assert_eq!(f.rss_at_peak_connections_bytes, Some(30_000_000));
         assert!((f.rss_per_connection_bytes.unwrap() - 2000.0).abs() < 1e-6);
+        let t = timeline(&s, t0 + Duration::from_secs(1));
+        assert_eq!(t.len(), 5);
+        assert_eq!(t[0].t_s, -1.0);
+        assert_eq!(t[0].cpu_pct, None);
+        assert!((t[2].cpu_pct.unwrap() - 40.0).abs() < 1e-6, "{t:?}");
+        assert_eq!(t[2].connections, 10_000);
+        let mut close = s.to_vec();
+        close.insert(2, mk(1, 1.2, 20_000_000, 6000));
+        close[2].at += Duration::from_millis(100);
+        assert_eq!(
+            timeline(&close, t0).len(),
+            5,
+            "a sample 0.1 s after another is skipped"
+        );
         let empty = figures("x".into(), &[], Some("no server".into()));
         assert_eq!(empty.samples, 0);
         assert!(empty.cpu_avg_pct.is_none());

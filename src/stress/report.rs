@@ -182,6 +182,50 @@ pub struct Throughput {
     pub mb_per_s_sent: f64,
 }
 
+/// One point of the run's timeline, about a second after the previous
+/// one: what the client saw (over every process).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct TimelinePoint {
+    /// Seconds since the run started.
+    pub t_s: f64,
+    /// Connections open.
+    pub open: u64,
+    /// Connections opened so far.
+    pub opened: u64,
+    /// Connections failed so far.
+    pub failed: u64,
+    /// Messages sent per second since the previous point.
+    pub sent_per_s: f64,
+    /// Echoes received per second since the previous point.
+    pub received_per_s: f64,
+    /// Megabytes (10^6) received per second since the previous point.
+    pub mb_per_s_received: f64,
+}
+
+/// One bar of the latency histogram: round trips from `from_us` up to
+/// (not including) `to_us`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct LatencyBin {
+    /// Lower bound, µs.
+    pub from_us: u64,
+    /// Upper bound, µs.
+    pub to_us: u64,
+    /// Round trips in it.
+    pub count: u64,
+}
+
+/// One point of the latency percentile curve.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct PercentilePoint {
+    /// Percentile, 0 to 100.
+    pub percentile: f64,
+    /// Round trip at it, µs.
+    pub us: u64,
+}
+
+/// Bars in the latency histogram.
+const LATENCY_BINS: usize = 40;
+
 /// Everything a run found; `--json` writes it as is.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StressReport {
@@ -197,6 +241,17 @@ pub struct StressReport {
     pub throughput: Throughput,
     /// Round-trip times in microseconds.
     pub latency_us: Percentiles,
+    /// Round trips up to the 99.9th percentile in equal bins (the slowest
+    /// 0.1 % are left out so that they do not squeeze the rest).
+    #[serde(default)]
+    pub latency_bins: Vec<LatencyBin>,
+    /// The round trip at each percentile, from 0 to 100, denser towards the
+    /// tail (p90, p99, p99.9, ...).
+    #[serde(default)]
+    pub latency_curve: Vec<PercentilePoint>,
+    /// What the client saw, about once a second.
+    #[serde(default)]
+    pub timeline: Vec<TimelinePoint>,
     /// The server's CPU and memory, when they could be read.
     pub server: Option<ServerFigures>,
     /// CPU the client process(es) used over the run, in % of one core:
@@ -218,10 +273,21 @@ pub(crate) fn build(
     c: Counts,
     server: Option<ServerFigures>,
     elapsed: std::time::Duration,
+    timeline: Vec<TimelinePoint>,
 ) -> StressReport {
     let failed: u64 = c.failed.values().sum();
     let window = c.window_s.max(1e-6);
-    let latency = Latency::from_counts(&c.latency).percentiles();
+    let hist = Latency::from_counts(&c.latency);
+    let latency = hist.percentiles();
+    let latency_bins = hist
+        .bins(LATENCY_BINS, latency.p999)
+        .into_iter()
+        .map(|(from_us, to_us, count)| LatencyBin {
+            from_us,
+            to_us,
+            count,
+        })
+        .collect();
     let interval_short = cfg.mode == Mode::Interval && c.received < c.requested * cfg.messages;
     let ok = failed == 0
         && c.mismatches == 0
@@ -270,12 +336,42 @@ pub(crate) fn build(
             mb_per_s_sent: c.bytes_out_at_stop as f64 / 1e6 / window,
         },
         latency_us: latency,
+        latency_bins,
+        latency_curve: percentile_curve(&hist),
+        timeline,
         server,
         client_cpu_pct: c.cpu_s / c.elapsed_s.max(1e-6) * 100.0,
         elapsed_s: elapsed.as_secs_f64(),
         interrupted: c.interrupted,
         ok,
     }
+}
+
+/// Percentiles every tenth of a "nine" (p0, p20.6, ..., p90, ..., p99,
+/// ..., p99.9, ...) as far as there are samples to tell them apart, then
+/// the maximum.
+fn percentile_curve(h: &Latency) -> Vec<PercentilePoint> {
+    let n = h.count();
+    if n == 0 {
+        return Vec::new();
+    }
+    let mut out = Vec::new();
+    for tenth in 0..=60 {
+        let tail = 10f64.powf(-(tenth as f64) / 10.0);
+        if tail * (n as f64) < 1.0 {
+            break;
+        }
+        let percentile = (1.0 - tail) * 100.0;
+        out.push(PercentilePoint {
+            percentile,
+            us: h.value_at_percentile(percentile),
+        });
+    }
+    out.push(PercentilePoint {
+        percentile: 100.0,
+        us: h.value_at_percentile(100.0),
+    });
+    out
 }
 
 fn ms(us: u64) -> String {

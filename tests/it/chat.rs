@@ -43,7 +43,9 @@ fn with_chat(ports: usize, workers: usize, chat: ChatConfig, body: impl FnOnce(S
     );
 }
 
-fn with_chat_engine(cfg: EngineConfig, chat: ChatConfig, body: impl FnOnce(SocketAddr)) {
+fn with_chat_engine(mut cfg: EngineConfig, chat: ChatConfig, body: impl FnOnce(SocketAddr)) {
+    // The backend under test (`CPORT_TEST_BACKEND`), like every other suite.
+    cfg.port.backend = util::test_port_backend();
     let model = format!("ports={} workers={}", cfg.ports, cfg.workers);
     let chat = Arc::new(Chat::new(chat));
     let mut engine = Engine::start(cfg, chat.clone()).expect("start the engine");

@@ -164,11 +164,12 @@ impl Handler for Relay {
 #[test]
 fn callbacks_send_to_each_other_without_deadlock() {
     let handler = Arc::new(Relay::default());
-    let cfg = EngineConfig {
+    let mut cfg = EngineConfig {
         ports: 1,
         workers: 2,
         ..EngineConfig::default()
     };
+    cfg.port.backend = crate::util::test_port_backend();
     let mut engine = Engine::start(cfg, handler.clone()).unwrap();
     let addr = engine.listen("127.0.0.1:0".parse().unwrap(), 128).unwrap();
     let mut a = TcpStream::connect(addr).unwrap();

@@ -6,24 +6,32 @@
 //! read/write timeouts, and stop them at the end, checking the exit code and
 //! the final summary (nothing outstanding).
 //!
-//! The binary is located through `CARGO_BIN_EXE_cport` (or the `CPORT_BIN`
-//! environment variable). Set `CPORT_TEST_BACKEND=uring|poll|auto` to pass
+//! The binary is `$CPORT_BIN` when set (e.g. an ASan or release build), else
+//! `CARGO_BIN_EXE_cport`. Set `CPORT_TEST_BACKEND=uring|poll|auto` to pass
 //! `--backend` to every server.
 
 mod util;
 
+mod admin;
 mod bad_input;
 mod bench;
+mod cancel_race;
 mod chat;
 mod cli;
 mod client;
 mod echo;
 mod engine;
 mod fallback;
+mod fault;
+mod hostile;
+mod netpath;
 mod port;
 mod protocol;
 mod raw;
+mod ring_limits;
 mod scale;
 mod services;
 mod shutdown;
+mod shutdown_load;
+mod soak;
 mod stress;

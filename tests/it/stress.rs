@@ -285,8 +285,10 @@ fn stress_flood_100_connections_over_two_destinations_and_sources() {
         "8",
         "--size",
         "4KiB",
+        // Long enough that 100 connects on a very busy machine still leave
+        // part of the window for the load whose rate is asserted.
         "--duration",
-        "1s",
+        "3s",
         "--no-server-stats",
         "--json",
         json.path(),
@@ -702,4 +704,98 @@ fn stress_bad_flags_exit_2_with_one_error_line() {
     }
     drop(holder);
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
+
+#[test]
+fn stress_report_html_charts_the_run_over_time() {
+    let mut srv = Server::start(&[]);
+    let addr = srv.addr().to_string();
+    let json = JsonFile::new("html");
+    let html =
+        std::env::temp_dir().join(format!("cport-stress-{}-report.html", std::process::id()));
+    let text = std::env::temp_dir().join(format!("cport-stress-{}-report.txt", std::process::id()));
+    let out = run_stress(&[
+        "--connect",
+        &addr,
+        "--connections",
+        "60",
+        "--ramp",
+        "40",
+        "--mode",
+        "pingpong",
+        "--duration",
+        "3s",
+        "--json",
+        json.path(),
+        "--report",
+        html.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", out.dump());
+    let r = json.read(&out);
+    assert_clean(&r, 60);
+    // About one point a second, on one clock, for the client and the server.
+    let tl = r["timeline"].as_array().expect("timeline");
+    assert!(tl.len() >= 2, "{r:#}");
+    assert!(
+        tl.windows(2)
+            .all(|w| f(&w[1], "t_s") - f(&w[0], "t_s") >= 0.9),
+        "{r:#}"
+    );
+    assert!(tl.iter().any(|p| f(p, "received_per_s") > 0.0), "{r:#}");
+    assert_eq!(u(tl.last().unwrap(), "opened"), 60, "{r:#}");
+    let st = r["server"]["timeline"].as_array().expect("server timeline");
+    assert!(
+        st.len() >= 2 && st.iter().any(|p| p["cpu_pct"].is_number()),
+        "{r:#}"
+    );
+    let binned: u64 = r["latency_bins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| u(b, "count"))
+        .sum();
+    let count = u(&r, "latency_us.count");
+    assert!(
+        binned <= count && binned * 1000 >= count * 998,
+        "{binned} of {count}"
+    );
+    let curve: Vec<u64> = r["latency_curve"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| u(p, "us"))
+        .collect();
+    assert!(curve.windows(2).all(|w| w[0] <= w[1]), "{curve:?}");
+    assert_eq!(*curve.last().unwrap(), u(&r, "latency_us.max"));
+
+    let page = std::fs::read_to_string(&html).expect("HTML report written");
+    let _ = std::fs::remove_file(&html);
+    assert!(
+        page.starts_with("<!DOCTYPE html>"),
+        "{}",
+        &page[..200.min(page.len())]
+    );
+    assert_eq!(page.matches("<svg").count(), 6, "six charts");
+    assert!(page.contains("Connections during the run") && page.contains("Server CPU"));
+    assert!(!page.contains("NaN") && !page.contains("src=\"http"));
+
+    // Any other name keeps the text report.
+    let out = run_stress(&[
+        "--connect",
+        &addr,
+        "--connections",
+        "5",
+        "--mode",
+        "pingpong",
+        "--duration",
+        "500ms",
+        "--report",
+        text.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", out.dump());
+    let t = std::fs::read_to_string(&text).expect("text report written");
+    let _ = std::fs::remove_file(&text);
+    assert!(t.starts_with("cport stress: pingpong mode"), "{t}");
+    // 60 + 5 stress connections and their two STATS connections.
+    srv.stop_checked(67);
 }

@@ -57,10 +57,12 @@ pub const STATS_KEYS: [&str; 9] = [
 
 /// Path of the `cport` binary under test.
 pub fn cport_bin() -> PathBuf {
-    if let Some(p) = option_env!("CARGO_BIN_EXE_cport") {
+    // CPORT_BIN first, so that the same tests can run a binary built
+    // another way (e.g. under AddressSanitizer, or a release build).
+    if let Some(p) = std::env::var_os("CPORT_BIN").filter(|p| !p.is_empty()) {
         return PathBuf::from(p);
     }
-    if let Some(p) = std::env::var_os("CPORT_BIN") {
+    if let Some(p) = option_env!("CARGO_BIN_EXE_cport") {
         return PathBuf::from(p);
     }
     panic!(
@@ -440,16 +442,22 @@ impl Server {
     /// Send `sig`, wait up to 10 s for exit (then SIGKILL).
     /// Returns the exit status, the time it took and all of stderr.
     pub fn stop_with(&mut self, sig: i32) -> (ExitStatus, Duration, String) {
+        self.stop_within(sig, STOP_GRACE)
+    }
+
+    /// [`stop_with`](Self::stop_with) with its own bound on the wait (a
+    /// sanitizer build under load may take longer than `STOP_GRACE`).
+    pub fn stop_within(&mut self, sig: i32, limit: Duration) -> (ExitStatus, Duration, String) {
         let mut child = self.child.take().expect("server already stopped");
         let start = Instant::now();
         // SAFETY: plain kill(2) on the pid of our own child process.
         unsafe {
             libc::kill(self.pid, sig);
         }
-        let status = match wait_deadline(&mut child, STOP_GRACE) {
+        let status = match wait_deadline(&mut child, limit) {
             Some(s) => s,
             None => {
-                eprintln!("[it] server did not exit within {STOP_GRACE:?}; sending SIGKILL");
+                eprintln!("[it] server did not exit within {limit:?}; sending SIGKILL");
                 let _ = child.kill();
                 child.wait().expect("wait after SIGKILL")
             }

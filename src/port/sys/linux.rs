@@ -224,3 +224,18 @@ pub fn open_beneath(root: &std::fs::File, path: &str) -> std::io::Result<std::fs
 pub fn is_escape(e: &std::io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::EXDEV) | Some(libc::ELOOP))
 }
+
+/// Whether the running kernel is at least `major.minor` (from
+/// /proc/sys/kernel/osrelease; an unreadable release counts as new enough,
+/// so a feature then fails loudly instead of being skipped silently).
+pub(crate) fn kernel_at_least(major: u32, minor: u32) -> bool {
+    let Ok(release) = std::fs::read_to_string("/proc/sys/kernel/osrelease") else {
+        return true;
+    };
+    let mut parts = release
+        .trim()
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    let have = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    have >= (major, minor)
+}

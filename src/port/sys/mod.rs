@@ -28,6 +28,8 @@
 //! - `wake(&self)` — make a concurrent `wait` return soon, from any thread.
 //! - `outstanding(&self) -> usize` — operations submitted and not yet
 //!   completed; `bufs_leased(&self) -> usize` — pooled buffers lent out.
+//! - `ring_stats(&self) -> RingStats` — how the kernel's queues coped with
+//!   their limits (backends without such queues report zeros).
 //!
 //! Dropping a backend cancels whatever is still in flight and waits for it;
 //! memory the kernel might still write is leaked rather than freed.
@@ -70,6 +72,8 @@ use crate::port::{BackendKind, PortConfig};
 
 /// The backend a port runs on.
 #[derive(Debug)]
+// One per port, so the size of the larger variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Backend {
     /// io_uring.
     Uring(uring::Backend),
@@ -179,5 +183,12 @@ impl Backend {
 
     pub(crate) fn bufs_leased(&self) -> usize {
         delegate!(self, b => b.bufs_leased())
+    }
+
+    pub(crate) fn ring_stats(&self) -> crate::port::RingStats {
+        match self {
+            Backend::Uring(b) => b.ring_stats(),
+            Backend::Poll(_) => crate::port::RingStats::default(),
+        }
     }
 }

@@ -147,6 +147,20 @@ struct InFlight {
     deadline: Option<Instant>,
     /// The operation, owning socket and buffers; `None` while `Busy`.
     op: Option<Op>,
+    /// Submitted as [`Op::RecvMulti`]: run as a single receive whose
+    /// outcome says the receive ended (`more == false`).
+    multi: bool,
+}
+
+/// The outcome of a finished op, as the kind it was submitted as.
+fn as_submitted(multi: bool, outcome: Outcome) -> Outcome {
+    match outcome {
+        Outcome::Received(result) if multi => Outcome::ReceivedMulti {
+            result,
+            more: false,
+        },
+        o => o,
+    }
 }
 
 /// The operations waiting on one socket: at most one per side.
@@ -263,6 +277,10 @@ fn failed(op: Op, err: impl Fn() -> io::Error) -> Outcome {
             more: false,
         },
         Op::Recv { .. } => Outcome::Received(Err(err())),
+        Op::RecvMulti { .. } => Outcome::ReceivedMulti {
+            result: Err(err()),
+            more: false,
+        },
         Op::Send { bufs, .. } => Outcome::Sent {
             result: Err(err()),
             bufs,
@@ -456,6 +474,11 @@ impl Backend {
     }
 
     pub(crate) fn submit(&self, key: u64, op: Op) -> io::Result<OpId> {
+        // Readiness has no multishot receive: run it as a single one.
+        let (op, multi) = match op {
+            Op::RecvMulti { socket } => (Op::Recv { socket }, true),
+            op => (op, false),
+        };
         if let Op::Recv { socket } | Op::Send { socket, .. } | Op::SendFile { socket, .. } = &op
             && socket.os().is_none()
         {
@@ -466,7 +489,7 @@ impl Backend {
         }
         let (side, fd) = match &op {
             Op::Accept { listener } => (Side::Read, listener.as_raw_fd()),
-            Op::Recv { socket } => (Side::Read, sock_fd(socket)),
+            Op::Recv { socket } | Op::RecvMulti { socket } => (Side::Read, sock_fd(socket)),
             Op::Send { socket, bufs } => {
                 if bufs.is_empty() || bufs.len() > MAX_SEND_BUFS {
                     return Err(io::Error::new(
@@ -531,6 +554,7 @@ impl Backend {
             connecting: false,
             deadline,
             op: Some(op),
+            multi,
         }));
         let id = OpId(((generation as u64) << 32) | idx as u64);
         match side {
@@ -705,7 +729,7 @@ impl Backend {
                                 out.push_back(Completion {
                                     key: e.key,
                                     op: Some(id),
-                                    outcome: cancelled(op),
+                                    outcome: as_submitted(e.multi, cancelled(op)),
                                 });
                             }
                         }
@@ -764,12 +788,12 @@ impl Backend {
                     }
                 }
             };
-            t.remove(p.idx, id);
+            let e = t.remove(p.idx, id);
             self.outstanding.fetch_sub(1, Ordering::Relaxed);
             out.push_back(Completion {
                 key: p.key,
                 op: Some(id),
-                outcome,
+                outcome: as_submitted(e.multi, outcome),
             });
         }
         rearm.sort_unstable();
@@ -805,7 +829,10 @@ impl Backend {
             let e = t.remove(idx, id);
             self.outstanding.fetch_sub(1, Ordering::Relaxed);
             let Some(op) = e.op else { continue };
-            let outcome = failed(op, || io::Error::new(err.kind(), err.to_string()));
+            let outcome = as_submitted(
+                e.multi,
+                failed(op, || io::Error::new(err.kind(), err.to_string())),
+            );
             out.push_back(Completion {
                 key: e.key,
                 op: Some(id),
@@ -825,9 +852,10 @@ impl Backend {
         } = task;
         let mut accepted = Vec::new();
         let hold = match &op {
-            Op::Recv { socket } | Op::Send { socket, .. } | Op::SendFile { socket, .. } => {
-                socket.os().cloned()
-            }
+            Op::Recv { socket }
+            | Op::RecvMulti { socket }
+            | Op::Send { socket, .. }
+            | Op::SendFile { socket, .. } => socket.os().cloned(),
             Op::Connect { socket, .. } => Some(socket.clone()),
             Op::Accept { listener } => Some(listener.clone()),
             Op::Shutdown { socket, .. } => socket.os().cloned(),
@@ -850,10 +878,12 @@ impl Backend {
                 copy,
             } => send_file(socket, file, offset, len, copy),
             Op::Connect { socket, addr } => connect(socket, addr, connecting),
-            // Refused at submit: poll never holds direct sockets.
-            op @ (Op::Recv { .. } | Op::Send { .. } | Op::SendFile { .. }) => {
-                Attempt::Done(cancelled(op))
-            }
+            // Refused at submit: poll never holds direct sockets (and a
+            // multishot receive was turned into a single one there).
+            op @ (Op::Recv { .. }
+            | Op::RecvMulti { .. }
+            | Op::Send { .. }
+            | Op::SendFile { .. }) => Attempt::Done(cancelled(op)),
             Op::Shutdown { socket, how } => Attempt::Done(Outcome::Shut(match socket.os() {
                 Some(s) => s.shutdown(how),
                 None => Err(io::Error::from(io::ErrorKind::Unsupported)),

@@ -175,3 +175,113 @@ impl Drop for Chunk {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Pure bookkeeping of the pool, and the raw-pointer accesses behind
+    //! it; these also run under Miri (docs/reliability/models.md).
+
+    use super::*;
+
+    /// Writes `byte` into the first `len` bytes of a chunk, as a receive does.
+    fn fill(chunk: &mut Chunk, byte: u8, len: usize) {
+        for b in &mut chunk.buf()[..len] {
+            b.write(byte);
+        }
+    }
+
+    #[test]
+    fn geometry_is_clamped_like_the_buffer_ring() {
+        let p = Pool::new(3, 100).unwrap();
+        assert_eq!(p.size, 512);
+        assert_eq!(p.len, 4 * 512);
+        let p = Pool::new(0, 1 << 30).unwrap();
+        assert_eq!(p.size, 1 << 20);
+        assert_eq!(p.len, 2 << 20);
+    }
+
+    #[test]
+    fn take_lease_and_give_back() {
+        let pool = Arc::new(Pool::new(2, 512).unwrap());
+        let mut a = pool.take().unwrap();
+        let mut b = pool.take().unwrap();
+        assert_eq!((a.id, b.id), (0, 1), "chunk 0 is handed out first");
+        assert!(pool.take().is_none(), "an empty pool gives nothing");
+        assert_eq!(pool.leased(), 2);
+        assert_eq!(a.buf().len(), 512);
+
+        fill(&mut a, 0xA5, 512);
+        fill(&mut b, 0x5A, 3);
+        let la = a.into_recv_buf(512);
+        let lb = b.into_recv_buf(3);
+        assert_eq!(pool.leased(), 2, "a lease still holds its chunk");
+        assert!(la.iter().all(|&x| x == 0xA5));
+        assert_eq!(&lb[..], &[0x5A; 3]);
+        // Leases may outlive the caller's handle on the pool.
+        drop(pool);
+        drop(la);
+        drop(lb);
+    }
+
+    #[test]
+    fn a_returned_chunk_is_reused_first_and_counts_balance() {
+        let pool = Arc::new(Pool::new(4, 512).unwrap());
+        let mut held = Vec::new();
+        for round in 0..3u8 {
+            let mut c = pool.take().unwrap();
+            let id = c.id;
+            fill(&mut c, round, 10);
+            if round == 1 {
+                // A chunk dropped without becoming a lease goes back too.
+                drop(c);
+            } else {
+                let lease = c.into_recv_buf(10);
+                assert_eq!(&lease[..], &[round; 10]);
+                drop(lease);
+            }
+            // Most recently returned is handed out next (cache-warm).
+            let again = pool.take().unwrap();
+            assert_eq!(again.id, id);
+            held.push(again);
+        }
+        assert_eq!(pool.leased(), 3);
+        held.clear();
+        assert_eq!(pool.leased(), 0);
+        assert_eq!(pool.free.lock().unwrap().len(), 4);
+    }
+
+    #[test]
+    fn a_lease_never_reads_past_its_chunk() {
+        let pool = Arc::new(Pool::new(2, 512).unwrap());
+        let mut c = pool.take().unwrap();
+        fill(&mut c, 1, 512);
+        // A length beyond the chunk (a bogus count) is clamped to it.
+        let lease = c.into_recv_buf(10_000);
+        assert_eq!(lease.len(), 512);
+        let mut d = pool.take().unwrap();
+        fill(&mut d, 2, 512);
+        assert!(
+            lease.iter().all(|&x| x == 1),
+            "the neighbour chunk is not ours"
+        );
+    }
+
+    #[test]
+    fn leases_cross_threads() {
+        let pool = Arc::new(Pool::new(8, 512).unwrap());
+        let leases: Vec<RecvBuf> = (0..8u8)
+            .map(|i| {
+                let mut c = pool.take().unwrap();
+                fill(&mut c, i, 64);
+                c.into_recv_buf(64)
+            })
+            .collect();
+        let t = std::thread::spawn(move || {
+            for (i, l) in leases.into_iter().enumerate() {
+                assert!(l.iter().all(|&x| x == i as u8));
+            }
+        });
+        t.join().unwrap();
+        assert_eq!(pool.leased(), 0);
+    }
+}

@@ -17,7 +17,7 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use io_uring::{IoUring, cqueue, opcode, squeue, types};
@@ -26,7 +26,7 @@ use socket2::{SockAddr, Socket};
 
 use crate::buf::RecvBuf;
 use crate::op::{Completion, DirectSocket, DirectTable, MAX_SEND_BUFS, Op, OpId, Outcome, Sock};
-use crate::port::PortConfig;
+use crate::port::{PortConfig, RingStats};
 
 use bufring::BufRing;
 
@@ -128,13 +128,11 @@ impl DirectTable for FileTable {
 /// inside the operation's `Box`, so it never moves while in flight.
 enum Scratch {
     None,
-    Msg {
-        hdr: libc::msghdr,
-        iov: Vec<libc::iovec>,
-    },
-    Addr(SockAddr),
+    /// A gathered send's header; its iovecs are in `InFlight::iov`.
+    Msg(libc::msghdr),
+    Addr(Box<SockAddr>),
     Time(types::Timespec),
-    File(FileXfer),
+    File(Box<FileXfer>),
 }
 
 /// A file send in progress: the file is first moved into a pipe (splice)
@@ -154,35 +152,81 @@ struct FileXfer {
 }
 
 /// One operation in flight: the op (owning buffers and socket) and its scratch.
+///
+/// Boxes are recycled (see `Ops::spare`), so the hot path allocates no
+/// per-operation memory: a finished op leaves its box, with the capacity
+/// of its iovec vector, for the next one.
 struct InFlight {
     key: u64,
     generation: u32,
     op: Op,
     scratch: Scratch,
+    /// A gathered send's iovecs (`Scratch::Msg` points here).
+    iov: Vec<libc::iovec>,
 }
 
-// SAFETY: the raw pointers in `Scratch::Msg` point only into this same
-// `InFlight` (its iovec vector) and into `Bytes` owned by `op`; moving the
-// box between threads moves nothing they point to.
+// SAFETY: the raw pointers in `Scratch::Msg` and `iov` point only into this
+// same `InFlight` (its iovec vector) and into `Bytes` owned by `op`; moving
+// the box between threads moves nothing they point to.
 unsafe impl Send for InFlight {}
+
+/// What a recycled box holds in place of an op: owns nothing.
+const VACANT: Op = Op::Timeout {
+    after: Duration::ZERO,
+};
+
+/// Most finished-op boxes kept for reuse.
+const SPARE_MAX: usize = 1024;
 
 struct Ops {
     slab: Slab<Box<InFlight>>,
     next_gen: u32,
+    /// Boxes of finished ops, ready for the next submissions (boxes, not
+    /// values: reusing the allocation is the point).
+    #[allow(clippy::vec_box)]
+    spare: Vec<Box<InFlight>>,
+}
+
+impl Ops {
+    /// Takes a finished op's box out of the slab: hands back its op and
+    /// keeps the box (emptied) for reuse.
+    fn retire(&mut self, idx: usize) -> (u64, Op) {
+        let mut b = self.slab.remove(idx);
+        let key = b.key;
+        let op = std::mem::replace(&mut b.op, VACANT);
+        b.scratch = Scratch::None;
+        b.iov.clear();
+        if self.spare.len() < SPARE_MAX {
+            self.spare.push(b);
+        }
+        (key, op)
+    }
 }
 
 /// The io_uring completion backend.
 pub(crate) struct Backend {
     ring: IoUring,
     /// Serialises pushes to the submission queue (the kernel's SQ is
-    /// single-producer).
-    sq: Mutex<()>,
+    /// single-producer), and holds the entries that found it full, in
+    /// order, until a worker hands them to the kernel (see `push`).
+    sq: Mutex<VecDeque<squeue::Entry>>,
     ops: Mutex<Ops>,
     outstanding: AtomicUsize,
     bufs: Arc<BufRing>,
     eventfd: OwnedFd,
     /// Registered-file table for direct sockets, if set up.
     files: Option<Arc<FileTable>>,
+    /// The kernel has multishot receive (Linux 6.0); without it a
+    /// `RecvMulti` runs as a single receive.
+    multishot_recv: bool,
+    /// The reaped-CQE batch, kept for reuse.
+    reaped: Mutex<Vec<(u64, i32, u32)>>,
+    /// The kernel's count of dropped completions, as last seen by the leader.
+    cq_overflow: AtomicU64,
+    /// Reaps that found the completion queue full.
+    cq_full: AtomicU64,
+    /// Pushes that found the submission queue full.
+    sq_full: AtomicU64,
 }
 
 impl std::fmt::Debug for Backend {
@@ -199,9 +243,9 @@ fn errno(res: i32) -> io::Error {
 
 impl Backend {
     pub(crate) fn new(cfg: &PortConfig) -> io::Result<Backend> {
-        let entries = cfg.entries.clamp(64, 32768);
+        let (entries, cq_entries) = ring_sizes(cfg)?;
         let mut builder = IoUring::builder();
-        builder.setup_cqsize(entries * 4).setup_submit_all();
+        builder.setup_cqsize(cq_entries).setup_submit_all();
         if cfg.single_worker {
             // The one worker is either running (and enters the kernel soon)
             // or waiting in the kernel, so task work need not interrupt it.
@@ -209,7 +253,7 @@ impl Backend {
         }
         let ring = builder
             .build(entries)
-            .or_else(|_| IoUring::builder().setup_cqsize(entries * 4).build(entries))
+            .or_else(|_| IoUring::builder().setup_cqsize(cq_entries).build(entries))
             .map_err(|e| io::Error::new(e.kind(), format!("io_uring_setup failed: {e}")))?;
         probe(&ring)?;
         // SAFETY: eventfd has no memory-safety preconditions; the result is
@@ -244,15 +288,21 @@ impl Backend {
         };
         let backend = Backend {
             ring,
-            sq: Mutex::new(()),
+            sq: Mutex::new(VecDeque::new()),
             ops: Mutex::new(Ops {
                 slab: Slab::new(),
                 next_gen: 1,
+                spare: Vec::new(),
             }),
             outstanding: AtomicUsize::new(0),
             bufs,
             eventfd,
             files,
+            multishot_recv: super::linux::kernel_at_least(6, 0),
+            reaped: Mutex::new(Vec::new()),
+            cq_overflow: AtomicU64::new(0),
+            cq_full: AtomicU64::new(0),
+            sq_full: AtomicU64::new(0),
         };
         backend.arm_wake()?;
         Ok(backend)
@@ -304,12 +354,17 @@ impl Backend {
         self.push(&sqe)
     }
 
-    /// Pushes one SQE. If the queue is full, what is queued is handed to the
-    /// kernel first (any thread may do that much: the entries were pushed by
-    /// workers or will be owned by whoever enters; see module docs).
+    /// Pushes one SQE. If the queue is full (or entries already wait
+    /// behind it), the entry waits in the backlog, in order, until a worker
+    /// moves it into the ring in `flush` or `wait`. The pushing thread
+    /// never enters the kernel itself: io_uring ties a request to the task
+    /// that submits it and cancels it when that task exits, so a passing
+    /// thread that submitted a full queue would take every queued request
+    /// down with it when it ends (test:
+    /// `a_full_submission_queue_is_not_submitted_by_a_passing_thread`).
     fn push(&self, sqe: &squeue::Entry) -> io::Result<()> {
-        let _g = self.sq.lock().unwrap_or_else(|e| e.into_inner());
-        for _ in 0..1000 {
+        let mut backlog = self.sq.lock().unwrap_or_else(|e| e.into_inner());
+        if backlog.is_empty() {
             // SAFETY: `sq` is held, so this is the only submission-queue
             // handle alive; the SQE's pointers are into a boxed `InFlight`
             // (or nothing) that stays alive until its completion is reaped.
@@ -322,47 +377,85 @@ impl Backend {
             if pushed {
                 return Ok(());
             }
+        }
+        self.sq_full.fetch_add(1, Ordering::Relaxed);
+        backlog.push_back(sqe.clone());
+        Ok(())
+    }
+
+    /// Moves the backlog into the ring, submitting whenever the ring is
+    /// full. Worker threads only (they are the tasks that own requests).
+    fn drain_backlog(&self, backlog: &mut VecDeque<squeue::Entry>) -> io::Result<()> {
+        for _ in 0..1_000_000 {
+            if backlog.is_empty() {
+                return Ok(());
+            }
+            // SAFETY: the caller holds `sq`, so this is the only
+            // submission-queue handle; the entries point into boxed
+            // `InFlight`s that live until their completions are reaped.
+            unsafe {
+                let mut sq = self.ring.submission_shared();
+                while let Some(e) = backlog.front() {
+                    if sq.push(e).is_err() {
+                        break;
+                    }
+                    backlog.pop_front();
+                }
+                sq.sync();
+            }
+            if backlog.is_empty() {
+                return Ok(());
+            }
             match self.ring.submit() {
                 Ok(_) => {}
-                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => std::thread::yield_now(),
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                // The kernel cannot take more now: the rest waits for the
+                // next `flush` or `wait`.
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EBUSY) | Some(libc::EAGAIN)) => {
+                    return Ok(());
+                }
                 Err(e) => return Err(e),
             }
         }
-        Err(io::Error::new(
-            io::ErrorKind::WouldBlock,
-            "io_uring submission queue stayed full",
-        ))
+        Ok(())
     }
 
     pub(crate) fn submit(&self, key: u64, op: Op) -> io::Result<OpId> {
-        let mut inflight = Box::new(InFlight {
-            key,
-            generation: 0,
-            op,
-            scratch: Scratch::None,
-        });
         let (idx, generation) = {
             let mut ops = self.ops.lock().unwrap_or_else(|e| e.into_inner());
             let generation = ops.next_gen;
             ops.next_gen = ops.next_gen.wrapping_add(1).max(1);
-            inflight.generation = generation;
+            let inflight = match ops.spare.pop() {
+                Some(mut b) => {
+                    b.key = key;
+                    b.generation = generation;
+                    b.op = op;
+                    b
+                }
+                None => Box::new(InFlight {
+                    key,
+                    generation,
+                    op,
+                    scratch: Scratch::None,
+                    iov: Vec::new(),
+                }),
+            };
             let entry = ops.slab.vacant_entry();
             let idx = entry.key();
             // Build the SQE while the box is already at its final address.
             let boxed = entry.insert(inflight);
             let ud = ((generation as u64) << 32) | idx as u64;
-            let sqe = match build_sqe(boxed, &self.bufs, ud) {
+            let sqe = match build_sqe(boxed, &self.bufs, self.multishot_recv, ud) {
                 Ok(s) => s,
                 Err(e) => {
-                    ops.slab.remove(idx);
+                    ops.retire(idx);
                     return Err(e);
                 }
             };
             drop(ops);
             if let Err(e) = self.push(&sqe) {
                 let mut ops = self.ops.lock().unwrap_or_else(|e| e.into_inner());
-                ops.slab.remove(idx);
+                ops.retire(idx);
                 return Err(e);
             }
             (idx, generation)
@@ -377,7 +470,8 @@ impl Backend {
     }
 
     pub(crate) fn flush(&self) -> io::Result<()> {
-        let _g = self.sq.lock().unwrap_or_else(|e| e.into_inner());
+        let mut backlog = self.sq.lock().unwrap_or_else(|e| e.into_inner());
+        self.drain_backlog(&mut backlog)?;
         // SAFETY: `sq` is held, so this is the only submission-queue handle.
         if unsafe { self.ring.submission_shared().is_empty() } {
             return Ok(());
@@ -401,6 +495,10 @@ impl Backend {
         timeout: Option<Duration>,
         out: &mut VecDeque<Completion>,
     ) -> io::Result<()> {
+        {
+            let mut backlog = self.sq.lock().unwrap_or_else(|e| e.into_inner());
+            self.drain_backlog(&mut backlog)?;
+        }
         let res = match timeout {
             Some(t) => {
                 let ts = types::Timespec::new()
@@ -426,23 +524,33 @@ impl Backend {
 
     /// Moves every available CQE into `out`. Leader only.
     fn reap(&self, out: &mut VecDeque<Completion>) {
-        let mut raw: Vec<(u64, i32, u32)> = Vec::new();
+        // The batch vector is kept between reaps (leader only, so the lock
+        // is never contended).
+        let mut raw = std::mem::take(&mut *self.reaped.lock().unwrap_or_else(|e| e.into_inner()));
         // SAFETY: the port lets only its leader call `wait`, so this is the
         // only completion-queue handle alive.
         unsafe {
             let mut cq = self.ring.completion_shared();
             cq.sync();
+            if cq.is_full() {
+                // Completions beyond this wait in the kernel's overflow
+                // list; the next `io_uring_enter` moves them in.
+                self.cq_full.fetch_add(1, Ordering::Relaxed);
+            }
+            self.cq_overflow
+                .store(u64::from(cq.overflow()), Ordering::Relaxed);
             for cqe in &mut cq {
                 raw.push((cqe.user_data(), cqe.result(), cqe.flags()));
             }
         }
         if raw.is_empty() {
+            *self.reaped.lock().unwrap_or_else(|e| e.into_inner()) = raw;
             return;
         }
         let mut rearm_wake = false;
         let mut next_stages: Vec<squeue::Entry> = Vec::new();
         let mut ops = self.ops.lock().unwrap_or_else(|e| e.into_inner());
-        for (ud, res, flags) in raw {
+        for &(ud, res, flags) in &raw {
             match ud {
                 WAKE_UD => {
                     let mut v = [0u8; 8];
@@ -474,13 +582,13 @@ impl Backend {
                         match file_step(&mut ops.slab[idx], stage1, res, ud) {
                             FileStep::Next(sqe) => next_stages.push(sqe),
                             FileStep::Done(result) => {
-                                let inflight = ops.slab.remove(idx);
+                                let (key, op) = ops.retire(idx);
                                 self.outstanding.fetch_sub(1, Ordering::Relaxed);
-                                let Op::SendFile { file, .. } = inflight.op else {
+                                let Op::SendFile { file, .. } = op else {
                                     unreachable!()
                                 };
                                 out.push_back(Completion {
-                                    key: inflight.key,
+                                    key,
                                     op: Some(id),
                                     outcome: Outcome::SentFile { result, file },
                                 });
@@ -489,11 +597,18 @@ impl Backend {
                         continue;
                     }
                     if cqueue::more(flags) {
-                        // A multishot accept stays armed: keep the op.
+                        // A multishot accept or receive stays armed: keep
+                        // the op.
                         let key = ops.slab[idx].key;
-                        let outcome = Outcome::Accepted {
-                            result: accepted(res),
-                            more: true,
+                        let outcome = match ops.slab[idx].op {
+                            Op::RecvMulti { .. } => Outcome::ReceivedMulti {
+                                result: self.received(res, flags),
+                                more: true,
+                            },
+                            _ => Outcome::Accepted {
+                                result: accepted(res),
+                                more: true,
+                            },
                         };
                         out.push_back(Completion {
                             key,
@@ -502,10 +617,9 @@ impl Backend {
                         });
                         continue;
                     }
-                    let inflight = ops.slab.remove(idx);
+                    let (key, op) = ops.retire(idx);
                     self.outstanding.fetch_sub(1, Ordering::Relaxed);
-                    let key = inflight.key;
-                    let outcome = self.finish(*inflight, res, flags);
+                    let outcome = self.finish(op, res, flags);
                     out.push_back(Completion {
                         key,
                         op: Some(id),
@@ -515,6 +629,8 @@ impl Backend {
             }
         }
         drop(ops);
+        raw.clear();
+        *self.reaped.lock().unwrap_or_else(|e| e.into_inner()) = raw;
         for sqe in next_stages {
             // The op stays in the slab, so its pipe or buffer stays alive.
             if let Err(e) = self.push(&sqe) {
@@ -527,32 +643,17 @@ impl Backend {
     }
 
     /// Turns a final CQE into the outcome, handing back what the op owned.
-    fn finish(&self, inflight: InFlight, res: i32, flags: u32) -> Outcome {
-        match inflight.op {
+    fn finish(&self, op: Op, res: i32, flags: u32) -> Outcome {
+        match op {
             Op::Accept { .. } => Outcome::Accepted {
                 result: accepted(res),
                 more: false,
             },
-            Op::Recv { .. } => {
-                let buf = cqueue::buffer_select(flags).map(|bid| {
-                    self.bufs.lent();
-                    RecvBuf::new(self.bufs.clone(), bid as u32, res.max(0) as usize)
-                });
-                if res < 0 {
-                    drop(buf);
-                    Outcome::Received(Err(errno(res)))
-                } else if res == 0 {
-                    drop(buf);
-                    Outcome::Received(Ok(RecvBuf::eof()))
-                } else {
-                    match buf {
-                        Some(b) => Outcome::Received(Ok(b)),
-                        None => Outcome::Received(Err(io::Error::other(
-                            "receive completed without a buffer",
-                        ))),
-                    }
-                }
-            }
+            Op::Recv { .. } => Outcome::Received(self.received(res, flags)),
+            Op::RecvMulti { .. } => Outcome::ReceivedMulti {
+                result: self.received(res, flags),
+                more: false,
+            },
             Op::Send { bufs, .. } => Outcome::Sent {
                 result: if res < 0 {
                     Err(errno(res))
@@ -587,6 +688,24 @@ impl Backend {
         }
     }
 
+    /// A receive's result: the pooled buffer the kernel picked (leased to
+    /// the caller), EOF as an empty buffer, or the error.
+    fn received(&self, res: i32, flags: u32) -> io::Result<RecvBuf> {
+        let buf = cqueue::buffer_select(flags).map(|bid| {
+            self.bufs.lent();
+            RecvBuf::new(self.bufs.clone(), bid as u32, res.max(0) as usize)
+        });
+        if res < 0 {
+            drop(buf);
+            Err(errno(res))
+        } else if res == 0 {
+            drop(buf);
+            Ok(RecvBuf::eof())
+        } else {
+            buf.ok_or_else(|| io::Error::other("receive completed without a buffer"))
+        }
+    }
+
     pub(crate) fn wake(&self) {
         let one: u64 = 1;
         // SAFETY: writes 8 bytes from a local to our own eventfd.
@@ -602,6 +721,49 @@ impl Backend {
     pub(crate) fn bufs_leased(&self) -> usize {
         self.bufs.leased()
     }
+
+    pub(crate) fn ring_stats(&self) -> RingStats {
+        RingStats {
+            cq_overflow: self.cq_overflow.load(Ordering::Relaxed),
+            cq_full: self.cq_full.load(Ordering::Relaxed),
+            sq_full: self.sq_full.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// The environment variable that overrides ring sizes (`SQ` or `SQ:CQ`),
+/// for tests of full queues.
+const RING_ENTRIES_ENV: &str = "CPORT_RING_ENTRIES";
+
+/// Submission- and completion-queue sizes: `CPORT_RING_ENTRIES` if set,
+/// else the config (the completion queue four times the submission queue
+/// unless given). The kernel rounds both up to powers of two and needs the
+/// completion queue at least as large.
+fn ring_sizes(cfg: &PortConfig) -> io::Result<(u32, u32)> {
+    let (sq, cq) = match std::env::var(RING_ENTRIES_ENV) {
+        Ok(v) if !v.trim().is_empty() => parse_ring_entries(v.trim()).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "{RING_ENTRIES_ENV}={v:?} is not valid: write SQ or SQ:CQ, \
+                     e.g. 8:16 (1 to 32768 entries each)"
+                ),
+            )
+        })?,
+        _ => (cfg.entries, cfg.cq_entries),
+    };
+    let sq = sq.clamp(1, 32768);
+    let cq = if cq == 0 { sq * 4 } else { cq.clamp(sq, 65536) };
+    Ok((sq, cq))
+}
+
+fn parse_ring_entries(v: &str) -> Option<(u32, u32)> {
+    let (sq, cq) = match v.split_once(':') {
+        Some((a, b)) => (a.parse().ok()?, b.parse().ok()?),
+        None => (v.parse().ok()?, 0),
+    };
+    let ok = |n: u32| (1..=32768).contains(&n);
+    (ok(sq) && (cq == 0 || ok(cq))).then_some((sq, cq))
 }
 
 /// Checks, with IORING_REGISTER_PROBE, that the kernel knows every opcode
@@ -651,12 +813,27 @@ fn accepted(res: i32) -> io::Result<Socket> {
 }
 
 /// Builds the SQE for an op already at its final (boxed) address.
-fn build_sqe(f: &mut InFlight, bufs: &BufRing, ud: u64) -> io::Result<squeue::Entry> {
+fn build_sqe(
+    f: &mut InFlight,
+    bufs: &BufRing,
+    multishot_recv: bool,
+    ud: u64,
+) -> io::Result<squeue::Entry> {
     let sqe = match &f.op {
         Op::Accept { listener } => opcode::AcceptMulti::new(types::Fd(listener.as_raw_fd()))
             .flags(libc::SOCK_CLOEXEC)
             .build(),
         Op::Recv { socket } => {
+            on_sock!(socket, t => opcode::Recv::new(t, std::ptr::null_mut(), bufs.buf_size())
+            .buf_group(BGID)
+            .build()
+            .flags(squeue::Flags::BUFFER_SELECT))
+        }
+        Op::RecvMulti { socket } if multishot_recv => {
+            on_sock!(socket, t => opcode::RecvMulti::new(t, BGID).build())
+        }
+        // Before Linux 6.0: one receive, finished as `more == false`.
+        Op::RecvMulti { socket } => {
             on_sock!(socket, t => opcode::Recv::new(t, std::ptr::null_mut(), bufs.buf_size())
             .buf_group(BGID)
             .build()
@@ -677,28 +854,34 @@ fn build_sqe(f: &mut InFlight, bufs: &BufRing, ud: u64) -> io::Result<squeue::En
                     "a send carries 1 to MAX_SEND_BUFS buffers",
                 ));
             }
-            let iov: Vec<libc::iovec> = bufs
-                .iter()
-                .map(|b| libc::iovec {
-                    iov_base: b.as_ptr() as *mut _,
-                    iov_len: b.len(),
-                })
-                .collect();
+            if let [b] = bufs.as_slice() {
+                // One buffer: a plain send, no header for the kernel to copy.
+                let len = u32::try_from(b.len()).unwrap_or(u32::MAX);
+                return Ok(on_sock!(socket, t => opcode::Send::new(t, b.as_ptr(), len)
+                    .flags(libc::MSG_NOSIGNAL)
+                    .build())
+                .user_data(ud));
+            }
+            f.iov.clear();
+            f.iov.extend(bufs.iter().map(|b| libc::iovec {
+                iov_base: b.as_ptr() as *mut _,
+                iov_len: b.len(),
+            }));
             // SAFETY: msghdr is plain old data; all-zero is a valid value.
-            let hdr: libc::msghdr = unsafe { std::mem::zeroed() };
-            f.scratch = Scratch::Msg { hdr, iov };
-            let Scratch::Msg { hdr, iov } = &mut f.scratch else {
+            let mut hdr: libc::msghdr = unsafe { std::mem::zeroed() };
+            hdr.msg_iov = f.iov.as_mut_ptr();
+            hdr.msg_iovlen = f.iov.len() as _;
+            f.scratch = Scratch::Msg(hdr);
+            let Scratch::Msg(hdr) = &f.scratch else {
                 unreachable!()
             };
-            hdr.msg_iov = iov.as_mut_ptr();
-            hdr.msg_iovlen = iov.len() as _;
             let hdr = hdr as *const _;
             on_sock!(socket, t => opcode::SendMsg::new(t, hdr)
                 .flags(libc::MSG_NOSIGNAL as u32)
                 .build())
         }
         Op::Connect { socket, addr } => {
-            f.scratch = Scratch::Addr(SockAddr::from(*addr));
+            f.scratch = Scratch::Addr(Box::new(SockAddr::from(*addr)));
             let Scratch::Addr(sa) = &f.scratch else {
                 unreachable!()
             };
@@ -715,13 +898,13 @@ fn build_sqe(f: &mut InFlight, bufs: &BufRing, ud: u64) -> io::Result<squeue::En
             let chunk = (*len).clamp(1, FILE_CHUNK);
             let fd = types::Fd(file.as_raw_fd());
             let sqe = if *copy {
-                f.scratch = Scratch::File(FileXfer {
+                f.scratch = Scratch::File(Box::new(FileXfer {
                     pipe: None,
                     buf: vec![0u8; chunk],
                     off: 0,
                     in_hand: 0,
                     sent: 0,
-                });
+                }));
                 let Scratch::File(x) = &mut f.scratch else {
                     unreachable!()
                 };
@@ -731,13 +914,13 @@ fn build_sqe(f: &mut InFlight, bufs: &BufRing, ud: u64) -> io::Result<squeue::En
             } else {
                 let (r, w) = pipe(chunk)?;
                 let w_fd = types::Fd(w.as_raw_fd());
-                f.scratch = Scratch::File(FileXfer {
+                f.scratch = Scratch::File(Box::new(FileXfer {
                     pipe: Some((r, w)),
                     buf: Vec::new(),
                     off: 0,
                     in_hand: 0,
                     sent: 0,
-                });
+                }));
                 opcode::Splice::new(fd, *offset as i64, w_fd, -1, chunk as u32).build()
             };
             return Ok(sqe.user_data(ud | STAGE1));
@@ -880,6 +1063,7 @@ impl Drop for Backend {
                 Ops {
                     slab: Slab::new(),
                     next_gen: 1,
+                    spare: Vec::new(),
                 },
             );
             std::mem::forget(ops);
