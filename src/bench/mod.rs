@@ -202,15 +202,17 @@ impl BenchConfig {
 
     /// A rough upper estimate of the run time, for the progress display.
     pub fn estimate(&self) -> Duration {
-        let per_traffic = self.duration + self.warmup + Duration::from_millis(1200);
         let mut t = Duration::ZERO;
         for l in &self.loads {
             let n = (self.rounds_of(l) * self.servers.len()) as u32;
+            let conns = l.conns() as f64;
             t += if l.is_idle() {
                 // Connects one by one, plus two settles of the RSS.
-                Duration::from_secs_f64(1.5 + l.conns() as f64 * 80e-6) * n
+                Duration::from_secs_f64(1.5 + conns * 80e-6) * n
             } else {
-                per_traffic * n
+                // Start, connects, the window, the drain and shutdown
+                // (measured on the project's 2-core machine).
+                (self.duration + self.warmup + Duration::from_secs_f64(1.2 + conns * 0.8e-3)) * n
             };
         }
         t

@@ -36,14 +36,14 @@ pub(crate) struct BenchArgs {
     /// Rounds of each idle load.
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
     idle_rounds: u32,
-    /// Measured window of each traffic run [default: 1500ms; --quick 500ms].
+    /// Measured window of each traffic run [default: 1s; --quick 500ms].
     #[arg(long, value_name = "DUR", value_parser = parse_duration)]
     duration: Option<Duration>,
-    /// Load before the window [default: 500ms; --quick 250ms].
+    /// Load before the window [default: 300ms; --quick 200ms].
     #[arg(long, value_name = "DUR", value_parser = parse_duration)]
     warmup: Option<Duration>,
     /// Echoes in flight per connection in flood loads.
-    #[arg(long, value_name = "N", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=256))]
+    #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=256))]
     window: u32,
     /// Threads of the load generator (one completion port each).
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
@@ -141,10 +141,10 @@ fn config(a: &BenchArgs) -> anyhow::Result<BenchConfig> {
         idle_rounds: a.idle_rounds as usize,
         duration: a
             .duration
-            .unwrap_or(Duration::from_millis(if a.quick { 500 } else { 1500 })),
+            .unwrap_or(Duration::from_millis(if a.quick { 500 } else { 1000 })),
         warmup: a
             .warmup
-            .unwrap_or(Duration::from_millis(if a.quick { 250 } else { 500 })),
+            .unwrap_or(Duration::from_millis(if a.quick { 200 } else { 300 })),
         window: a.window as usize,
         client_threads: a.client_threads as usize,
         client_backend: a.client_backend.kind()?,
