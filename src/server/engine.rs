@@ -743,12 +743,6 @@ impl Shared {
         &self.ports[id.port()].port
     }
 
-    /// Whether the connection's port has a single worker, which alone may
-    /// use multishot receives (see `conn::progress`).
-    pub(crate) fn single_worker(&self, id: ConnId) -> bool {
-        self.ports[id.port()].workers == 1
-    }
-
     fn outstanding(&self) -> usize {
         self.ports.iter().map(|p| p.port.outstanding()).sum()
     }
