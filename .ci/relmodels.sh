@@ -101,7 +101,10 @@ VALGRIND_FILTERS=(
 )
 valgrind_subset() {
     local exe
+    # The integration test binary itself, not the `cport` binary cargo
+    # also reports (in whichever order it finishes them).
     exe=$(cargo test --locked --test it --no-run --message-format=json 2>/dev/null |
+        grep '"kind":\["test"\]' | grep '"name":"it"' |
         sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -n 1)
     test -x "$exe" || die "cannot find the integration test binary"
     CPORT_TEST_BACKEND=poll valgrind --error-exitcode=99 --trace-children=yes \
