@@ -113,6 +113,8 @@ pub(crate) struct Conn {
 pub(crate) struct ConnState {
     pub(crate) connecting: bool,
     pub(crate) was_open: bool,
+    /// Holds a place under the connection limit (`Shared::admitted`).
+    pub(crate) admitted: bool,
     decoder: Decoder,
     sendq: VecDeque<Chunk>,
     /// The file segment of the send in flight, when it is a file send.
@@ -155,6 +157,7 @@ impl ConnState {
         ConnState {
             connecting,
             was_open: false,
+            admitted: false,
             decoder: Decoder::new(max_frame),
             sendq: VecDeque::new(),
             file_inflight: None,
@@ -519,6 +522,9 @@ fn finalize(shared: &Shared, conn: &Conn, st: &mut ConnState) {
         shared.cancel_timer(conn.id, key);
     }
     shared.remove_conn(conn.id);
+    if std::mem::take(&mut st.admitted) {
+        shared.admitted.fetch_sub(1, Ordering::AcqRel);
+    }
     let (reason, error) = st.closing.take().unwrap_or((CloseReason::Local, None));
     shared.stats.closed(reason, st.was_open);
     shared.stats.event_disconnect(

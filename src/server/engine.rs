@@ -177,6 +177,10 @@ pub(crate) struct Shared {
     pub(crate) max_frame: u32,
     pub(crate) max_send_queue: usize,
     pub(crate) max_conns: AtomicUsize,
+    /// Connections holding a place under `max_conns` (accepted and admitted,
+    /// or connected out), taken with one `fetch_add` so two workers
+    /// accepting at once cannot both see the last place as taken.
+    pub(crate) admitted: AtomicUsize,
     pub(crate) linger: Duration,
     pub(crate) flush_timeout: Duration,
     pub(crate) idle_timeout: Option<Duration>,
@@ -351,6 +355,7 @@ impl Engine {
             max_frame: cfg.max_frame,
             max_send_queue: cfg.max_send_queue,
             max_conns: AtomicUsize::new(cfg.max_conns),
+            admitted: AtomicUsize::new(0),
             linger: cfg.linger,
             flush_timeout: cfg.flush_timeout,
             idle_timeout: cfg.idle_timeout,
@@ -1077,7 +1082,16 @@ impl Shared {
         st.was_open = true;
         tracing::debug!(conn = %conn.id, peer = ?conn.peer, "connect");
         self.stats.event_connect(conn.id, conn.peer);
-        let over = self.stats.open() > self.max_conns.load(Ordering::Relaxed) as u64;
+        // Take a place first, then look at how many were taken before: the
+        // check and the count are one atomic step, so concurrent accepts on
+        // several workers admit exactly `max_conns`.
+        let before = self.admitted.fetch_add(1, Ordering::AcqRel);
+        let over = before >= self.max_conns.load(Ordering::Relaxed);
+        if over {
+            self.admitted.fetch_sub(1, Ordering::AcqRel);
+        } else {
+            st.admitted = true;
+        }
         let mut ctx = Ctx {
             conn: &conn,
             st: &mut st,
@@ -1124,6 +1138,8 @@ impl Shared {
                     Ok(()) if !st.is_closing() => {
                         self.stats.opened(false);
                         st.was_open = true;
+                        self.admitted.fetch_add(1, Ordering::AcqRel);
+                        st.admitted = true;
                         conn::start_idle_timer(self, &conn, &mut st);
                         let h = self.handler.clone();
                         h.on_open(&mut Ctx {

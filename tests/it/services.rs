@@ -230,35 +230,54 @@ fn client_that_never_reads_keeps_server_memory_bounded() {
 }
 
 /// `--max-conns 100` with 150 clients: 100 are served, 50 get ERROR 5 and
-/// are closed, and the server goes on serving the 100.
+/// are closed, and the server goes on serving the 100. Several rounds, each
+/// with the clients connecting from three threads at once, so the workers
+/// accept concurrently: the limit must hold exactly, not 99 or 101.
 #[test]
 fn connection_limit_refuses_the_excess_with_error_5() {
+    const ROUNDS: usize = 8;
     let mut srv = Server::start(&["--max-conns", "100"]);
     let addr = srv.addr();
-    let mut clients: Vec<TcpStream> = (0..150).map(|_| connect(addr)).collect();
-    let (mut served, mut busy) = (Vec::new(), 0);
-    for (i, c) in clients.iter_mut().enumerate() {
-        write_frame(c, CMD_ECHO, format!("client {i}").as_bytes()).unwrap_or(());
-        match read_frame(c) {
-            Ok((CMD_ECHO, b)) => {
-                assert_eq!(b, format!("client {i}").into_bytes());
-                served.push(i);
+    for round in 0..ROUNDS {
+        let mut clients: Vec<TcpStream> = thread::scope(|sc| {
+            let hs: Vec<_> = (0..3)
+                .map(|_| sc.spawn(move || (0..50).map(|_| connect(addr)).collect::<Vec<_>>()))
+                .collect();
+            hs.into_iter().flat_map(|h| h.join().unwrap()).collect()
+        });
+        let (mut served, mut busy) = (Vec::new(), 0);
+        for (i, c) in clients.iter_mut().enumerate() {
+            write_frame(c, CMD_ECHO, format!("client {i}").as_bytes()).unwrap_or(());
+            match read_frame(c) {
+                Ok((CMD_ECHO, b)) => {
+                    assert_eq!(b, format!("client {i}").into_bytes());
+                    served.push(i);
+                }
+                Ok((CMD_ERROR, b)) => {
+                    let code = u32::from_be_bytes(b[..4].try_into().unwrap());
+                    assert_eq!(code, ERR_BUSY);
+                    expect_closed(c, "refused client");
+                    busy += 1;
+                }
+                other => panic!("round {round}, client {i}: unexpected {other:?}"),
             }
-            Ok((CMD_ERROR, b)) => {
-                let code = u32::from_be_bytes(b[..4].try_into().unwrap());
-                assert_eq!(code, ERR_BUSY);
-                expect_closed(c, "refused client");
-                busy += 1;
-            }
-            other => panic!("client {i}: unexpected {other:?}"),
         }
+        assert_eq!(
+            (served.len(), busy),
+            (100, 50),
+            "round {round}: (served, refused)"
+        );
+        for &i in &served {
+            echo_roundtrip(&mut clients[i], b"the served ones keep working");
+        }
+        drop(clients);
+        // Every place is given back before the next round.
+        let mut ctl = connect(addr);
+        wait_stats(&mut ctl, "the round's connections to close", |v| {
+            stat_u64(v, "connections_open") == 1
+        });
     }
-    assert_eq!((served.len(), busy), (100, 50));
-    for &i in &served {
-        echo_roundtrip(&mut clients[i], b"the served ones keep working");
-    }
-    drop(clients);
-    srv.stop_checked(150);
+    srv.stop_checked(ROUNDS as u64 * 151);
 }
 
 fn open_fds(pid: i32) -> u64 {
