@@ -207,6 +207,48 @@ impl Op {
             Op::Timeout { .. } => OpKind::Timeout,
         }
     }
+
+    /// The outcome of this operation when it ended with the error `err()`
+    /// (or was cancelled) before doing its work, handing back what it
+    /// owned. Backends that complete operations themselves (poll, IOCP)
+    /// build failed and cancelled completions with it.
+    ///
+    /// A close cannot fail this way: dropping its socket closes it, which is
+    /// what was asked. A timer's outcome is `Interrupted`, whatever `err`.
+    pub(crate) fn into_failed(self, err: impl Fn() -> io::Error) -> Outcome {
+        match self {
+            Op::Accept { .. } => Outcome::Accepted {
+                result: Err(err()),
+                more: false,
+            },
+            Op::Recv { .. } => Outcome::Received(Err(err())),
+            Op::RecvMulti { .. } => Outcome::ReceivedMulti {
+                result: Err(err()),
+                more: false,
+            },
+            Op::Send { bufs, .. } => Outcome::Sent {
+                result: Err(err()),
+                bufs,
+            },
+            Op::SendFile { file, .. } => Outcome::SentFile {
+                result: Err(err()),
+                file,
+            },
+            Op::Shutdown { .. } => Outcome::Shut(Err(err())),
+            Op::Connect { socket, .. } => Outcome::Connected {
+                result: Err(err()),
+                socket,
+            },
+            Op::Close { socket } => {
+                drop(socket);
+                Outcome::Closed(Ok(()))
+            }
+            Op::Timeout { .. } => Outcome::Timer(Err(io::Error::new(
+                io::ErrorKind::Interrupted,
+                "timer cancelled",
+            ))),
+        }
+    }
 }
 
 /// The kind of an operation, for accounting and logs.

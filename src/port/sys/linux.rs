@@ -225,6 +225,37 @@ pub fn is_escape(e: &std::io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::EXDEV) | Some(libc::ELOOP))
 }
 
+/// Maps `len` bytes of fresh, zeroed, private memory: pages cost nothing
+/// until first written (the receive pools live here).
+pub(super) fn map_pages(len: usize) -> std::io::Result<*mut u8> {
+    // SAFETY: an anonymous private mapping with no address hint; the
+    // result is checked against MAP_FAILED.
+    let mem = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if mem == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(mem.cast())
+}
+
+/// Unmaps what [`map_pages`] mapped.
+///
+/// # Safety
+/// `mem` and `len` come from one `map_pages` call, and nothing uses the
+/// memory any more.
+pub(super) unsafe fn unmap_pages(mem: *mut u8, len: usize) {
+    // SAFETY: the caller's contract.
+    unsafe { libc::munmap(mem.cast(), len) };
+}
+
 /// Whether the running kernel is at least `major.minor` (from
 /// /proc/sys/kernel/osrelease; an unreadable release counts as new enough,
 /// so a feature then fails loudly instead of being skipped silently).

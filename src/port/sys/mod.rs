@@ -77,12 +77,19 @@ pub use linux::{
     is_escape, open_beneath, open_dir, process_cpu_rss_of, process_usage, process_usage_of,
     raise_fd_limit, set_bind_address_no_port, set_keepalive,
 };
+#[cfg(target_os = "linux")]
+use linux::{map_pages, unmap_pages};
 
 #[cfg(windows)]
 mod iocp;
 
 #[cfg(windows)]
 mod windows;
+#[cfg(windows)]
+use windows::{map_pages, unmap_pages};
+
+/// The receive pool the poll and IOCP backends share.
+mod pool;
 #[cfg(windows)]
 pub use windows::{
     ProcessUsage, accept_queue_len, ephemeral_port_range, errno, fd_hard_limit, fd_limit,

@@ -16,6 +16,9 @@ use windows_sys::Win32::Networking::WinSock::{SO_REUSE_UNICASTPORT, SOL_SOCKET, 
 use windows_sys::Win32::Storage::FileSystem::{
     FILE_FLAG_BACKUP_SEMANTICS, FILE_NAME_NORMALIZED, GetFinalPathNameByHandleW, VOLUME_NAME_DOS,
 };
+use windows_sys::Win32::System::Memory::{
+    MEM_COMMIT, MEM_RELEASE, MEM_RESERVE, PAGE_READWRITE, VirtualAlloc, VirtualFree,
+};
 use windows_sys::Win32::System::ProcessStatus::{K32GetProcessMemoryInfo, PROCESS_MEMORY_COUNTERS};
 use windows_sys::Win32::System::Threading::{
     GetCurrentProcess, GetProcessHandleCount, GetProcessTimes, OpenProcess,
@@ -166,6 +169,36 @@ pub fn set_keepalive(socket: &socket2::Socket, idle: Duration) -> io::Result<()>
     // default count (10) applies.
     let _ = socket.set_tcp_keepalive(&socket2::TcpKeepalive::new().with_retries(3));
     Ok(())
+}
+
+/// Reserves and commits `len` bytes of fresh, zeroed memory: pages cost
+/// nothing until first written (the receive pool lives here).
+pub(super) fn map_pages(len: usize) -> io::Result<*mut u8> {
+    // SAFETY: a new region at an address of the system's choosing; the
+    // result is checked for null.
+    let mem = unsafe {
+        VirtualAlloc(
+            std::ptr::null(),
+            len,
+            MEM_RESERVE | MEM_COMMIT,
+            PAGE_READWRITE,
+        )
+    };
+    if mem.is_null() {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(mem.cast())
+}
+
+/// Releases what [`map_pages`] reserved.
+///
+/// # Safety
+/// `mem` comes from a `map_pages` call, and nothing uses the memory any
+/// more.
+pub(super) unsafe fn unmap_pages(mem: *mut u8, _len: usize) {
+    // SAFETY: the caller's contract; MEM_RELEASE takes size 0 and frees the
+    // whole reservation.
+    unsafe { VirtualFree(mem.cast(), 0, MEM_RELEASE) };
 }
 
 /// Opens a directory to serve files beneath. A directory opens on Windows

@@ -81,8 +81,6 @@
 //! Winsock twins, so that `io::ErrorKind` says `ConnectionReset` exactly
 //! where ECONNRESET would on Linux.
 
-mod pool;
-
 use std::collections::{BTreeMap, VecDeque};
 use std::io;
 use std::mem::{MaybeUninit, size_of};
@@ -120,7 +118,7 @@ use crate::buf::RecvBuf;
 use crate::op::{Completion, MAX_SEND_BUFS, Op, OpId, Outcome, Sock};
 use crate::port::PortConfig;
 
-use pool::Pool;
+use super::pool::Pool;
 
 /// Completion key of every socket associated with a port: its packets
 /// carry a pointer to an operation's [`Header`].
@@ -345,43 +343,6 @@ fn last_wsa_error() -> io::Error {
 
 fn cancelled_error() -> io::Error {
     io::Error::from_raw_os_error(ERROR_OPERATION_ABORTED as i32)
-}
-
-/// The outcome of an operation that ended with `err()` before doing its
-/// work, handing back what it owned.
-fn failed(op: Op, err: impl Fn() -> io::Error) -> Outcome {
-    match op {
-        Op::Accept { .. } => Outcome::Accepted {
-            result: Err(err()),
-            more: false,
-        },
-        Op::Recv { .. } => Outcome::Received(Err(err())),
-        Op::RecvMulti { .. } => Outcome::ReceivedMulti {
-            result: Err(err()),
-            more: false,
-        },
-        Op::Send { bufs, .. } => Outcome::Sent {
-            result: Err(err()),
-            bufs,
-        },
-        Op::SendFile { file, .. } => Outcome::SentFile {
-            result: Err(err()),
-            file,
-        },
-        Op::Shutdown { .. } => Outcome::Shut(Err(err())),
-        Op::Connect { socket, .. } => Outcome::Connected {
-            result: Err(err()),
-            socket,
-        },
-        Op::Close { socket } => {
-            drop(socket);
-            Outcome::Closed(Ok(()))
-        }
-        Op::Timeout { .. } => Outcome::Timer(Err(io::Error::new(
-            io::ErrorKind::Interrupted,
-            "timer cancelled",
-        ))),
-    }
 }
 
 /// A raw handle that may cross threads: the port handle and pointers the
@@ -817,7 +778,7 @@ impl Backend {
         if let Err(err) = r {
             // Failed at once: no packet will come from the kernel.
             let op = e.op.take().expect("a started entry holds its op");
-            e.ready = Some(failed(op, || copy_error(&err)));
+            e.ready = Some(op.into_failed(|| copy_error(&err)));
         }
         if e.ready.is_some() {
             Self::post_packet(self.sh.port, &e.hdr)?;
@@ -1073,7 +1034,7 @@ impl Backend {
             return;
         };
         let outcome = match op {
-            Op::Timeout { .. } if cancelled => failed(op, cancelled_error),
+            Op::Timeout { .. } if cancelled => op.into_failed(cancelled_error),
             Op::Timeout { .. } => Outcome::Timer(Ok(())),
             Op::Recv { socket } => match result {
                 Ok(_) if cancelled => Outcome::Received(Err(cancelled_error())),
@@ -1099,7 +1060,7 @@ impl Backend {
                                 tracing::error!("cannot post a receive again: {err}");
                                 let op = e.op.take();
                                 let o = op.map_or(Outcome::Received(Err(err)), |op| {
-                                    failed(op, || io::Error::other("cannot post a receive"))
+                                    op.into_failed(|| io::Error::other("cannot post a receive"))
                                 });
                                 self.finish(&mut t, id, o, out);
                             }
@@ -1145,7 +1106,7 @@ impl Backend {
             | Op::Accept { .. }
             | Op::RecvMulti { .. }) => {
                 // Their outcome is always `ready` (accepts come as subs).
-                failed(op, || io::Error::other("unexpected completion"))
+                op.into_failed(|| io::Error::other("unexpected completion"))
             }
         };
         self.finish(&mut t, id, outcome, out);

@@ -78,8 +78,6 @@
 //! queued while a leader sleeps in `epoll_wait`. The port itself calls
 //! `wake` for submissions from other threads.
 
-mod pool;
-
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::io::{self, IoSlice};
 use std::mem::MaybeUninit;
@@ -95,7 +93,7 @@ use crate::buf::RecvBuf;
 use crate::op::{Completion, MAX_SEND_BUFS, Op, OpId, Outcome, Sock};
 use crate::port::PortConfig;
 
-use pool::Pool;
+use super::pool::Pool;
 
 /// Event data of the wake-up eventfd (socket events carry their descriptor).
 const WAKE_TOKEN: u64 = u64::MAX;
@@ -265,46 +263,7 @@ fn cancelled_error() -> io::Error {
 /// The outcome of an operation cancelled before it completed, handing back
 /// what it owned.
 fn cancelled(op: Op) -> Outcome {
-    failed(op, cancelled_error)
-}
-
-/// The outcome of an operation that ended with the error `err()` (or was
-/// cancelled) before it completed, handing back what it owned.
-fn failed(op: Op, err: impl Fn() -> io::Error) -> Outcome {
-    match op {
-        Op::Accept { .. } => Outcome::Accepted {
-            result: Err(err()),
-            more: false,
-        },
-        Op::Recv { .. } => Outcome::Received(Err(err())),
-        Op::RecvMulti { .. } => Outcome::ReceivedMulti {
-            result: Err(err()),
-            more: false,
-        },
-        Op::Send { bufs, .. } => Outcome::Sent {
-            result: Err(err()),
-            bufs,
-        },
-        Op::SendFile { file, .. } => Outcome::SentFile {
-            result: Err(err()),
-            file,
-        },
-        Op::Shutdown { .. } => Outcome::Shut(Err(err())),
-        Op::Connect { socket, .. } => Outcome::Connected {
-            result: Err(err()),
-            socket,
-        },
-        // Not reached: `cancel` leaves closes alone. Dropping the socket
-        // closes it, which is what was asked.
-        Op::Close { socket } => {
-            drop(socket);
-            Outcome::Closed(Ok(()))
-        }
-        Op::Timeout { .. } => Outcome::Timer(Err(io::Error::new(
-            io::ErrorKind::Interrupted,
-            "timer cancelled",
-        ))),
-    }
+    op.into_failed(cancelled_error)
 }
 
 /// Milliseconds for `epoll_wait`, rounded up so that a wait never ends
@@ -831,7 +790,7 @@ impl Backend {
             let Some(op) = e.op else { continue };
             let outcome = as_submitted(
                 e.multi,
-                failed(op, || io::Error::new(err.kind(), err.to_string())),
+                op.into_failed(|| io::Error::new(err.kind(), err.to_string())),
             );
             out.push_back(Completion {
                 key: e.key,

@@ -1,9 +1,10 @@
-//! The poll backend's receive pool: fixed-size chunks in one mapping, taken
-//! by the leader only at the moment a socket is readable and given back
+//! The receive pool of the poll and IOCP backends: fixed-size chunks in one
+//! mapping, taken only at the moment data is known to be waiting (poll: the
+//! socket is readable; IOCP: a zero-byte `WSARecv` completed) and given back
 //! when the [`RecvBuf`](crate::buf::RecvBuf) lease drops.
 //!
-//! It plays the part of io_uring's provided-buffer ring: an idle connection
-//! holds no chunk. Free chunks are kept on a stack, so the most recently
+//! It plays the part of io_uring's provided-buffer ring (and of the seeds'
+//! pre-allocated 4 KiB buffers): an idle connection holds no chunk. Free chunks are kept on a stack, so the most recently
 //! used (cache-warm, already-touched) chunk is handed out next and the pages
 //! of a large, mostly idle pool are never touched.
 
@@ -12,10 +13,11 @@ use std::mem::MaybeUninit;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use super::{map_pages, unmap_pages};
 use crate::buf::{RecvBuf, Recycle};
 
 /// A pool of `count` chunks of `size` bytes.
-pub(super) struct Pool {
+pub(in crate::port::sys) struct Pool {
     /// Start of the mapping holding every chunk.
     mem: *mut u8,
     /// Length of the mapping in bytes (`count * size`).
@@ -40,35 +42,20 @@ impl Pool {
     /// A pool with the same geometry as io_uring's buffer ring for the same
     /// configuration: `count` rounded up to a power of two (2..=32768),
     /// `size` clamped to 512 B..=1 MiB.
-    pub(super) fn new(count: u32, size: u32) -> io::Result<Pool> {
+    pub(in crate::port::sys) fn new(count: u32, size: u32) -> io::Result<Pool> {
         let count = count.clamp(2, 32768).next_power_of_two().min(32768);
         let size = size.clamp(512, 1 << 20);
         let len = count as usize * size as usize;
         // The pool is mapped, not allocated: its pages cost nothing until a
         // receive first writes there.
-        // SAFETY: an anonymous private mapping with no address hint; the
-        // result is checked against MAP_FAILED.
-        let mem = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
+        let mem = map_pages(len).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("cannot map the receive buffer pool ({len} bytes): {e}"),
             )
-        };
-        if mem == libc::MAP_FAILED {
-            return Err(io::Error::new(
-                io::ErrorKind::OutOfMemory,
-                format!(
-                    "cannot map the receive buffer pool ({len} bytes): {}",
-                    io::Error::last_os_error()
-                ),
-            ));
-        }
+        })?;
         Ok(Pool {
-            mem: mem.cast(),
+            mem,
             len,
             size,
             // Reversed so that chunk 0 is handed out first.
@@ -78,12 +65,12 @@ impl Pool {
     }
 
     /// Chunks currently held by a `Chunk` or a `RecvBuf`.
-    pub(super) fn leased(&self) -> usize {
+    pub(in crate::port::sys) fn leased(&self) -> usize {
         self.leased.load(Ordering::Relaxed)
     }
 
     /// Takes a free chunk, or `None` if every chunk is lent out.
-    pub(super) fn take(self: &Arc<Self>) -> Option<Chunk> {
+    pub(in crate::port::sys) fn take(self: &Arc<Self>) -> Option<Chunk> {
         let id = self.free.lock().unwrap_or_else(|e| e.into_inner()).pop()?;
         self.leased.fetch_add(1, Ordering::Relaxed);
         Some(Chunk {
@@ -123,15 +110,13 @@ impl Drop for Pool {
     fn drop(&mut self) {
         // SAFETY: `mem` was mapped in `new` with `len` bytes; no chunk or
         // lease is alive, since each holds an `Arc` to this pool.
-        unsafe {
-            libc::munmap(self.mem.cast(), self.len);
-        }
+        unsafe { unmap_pages(self.mem, self.len) }
     }
 }
 
 /// One chunk taken from the pool, not yet holding received bytes. Dropping
 /// it puts the chunk back.
-pub(super) struct Chunk {
+pub(in crate::port::sys) struct Chunk {
     /// The pool; `None` once the chunk became a lease.
     pool: Option<Arc<Pool>>,
     id: u32,
@@ -139,7 +124,7 @@ pub(super) struct Chunk {
 
 impl Chunk {
     /// The chunk's memory, for a receive to write into.
-    pub(super) fn buf(&mut self) -> &mut [MaybeUninit<u8>] {
+    pub(in crate::port::sys) fn buf(&mut self) -> &mut [MaybeUninit<u8>] {
         let pool = self
             .pool
             .as_ref()
@@ -158,7 +143,7 @@ impl Chunk {
 
     /// Turns the chunk into a lease on its first `len` bytes, which a
     /// receive has just written.
-    pub(super) fn into_recv_buf(mut self, len: usize) -> RecvBuf {
+    pub(in crate::port::sys) fn into_recv_buf(mut self, len: usize) -> RecvBuf {
         let pool = self
             .pool
             .take()
