@@ -461,8 +461,9 @@ pub(crate) fn progress(shared: &Shared, conn: &Conn, st: &mut ConnState) {
     if want_recv && st.recv_op.is_none() {
         // A single receive at a time. The port's multishot receive
         // (`Op::RecvMulti`) saved ~4 % CPU per echo on one-worker ports, but
-        // with it the soak test (`soak::soak`) saw a heartbeating connection
-        // stop receiving and time out, 2 runs of 2 (0 of 1 without it); it
+        // with it the soak test (`soak::soak`) saw a connection time out
+        // that should have seen its peer's data or end: 2 runs of 2 at
+        // first, 1 of 12 later under CPU load (0 of many without it). It
         // stays off until that is understood (docs/PERFORMANCE.md).
         let op = Op::Recv {
             socket: conn.socket.clone(),
