@@ -463,7 +463,7 @@ pub(crate) fn progress(shared: &Shared, conn: &Conn, st: &mut ConnState) {
         // (`Op::RecvMulti`) saved ~4 % CPU per echo on one-worker ports, but
         // with it the soak test (`soak::soak`) saw a connection time out
         // that should have seen its peer's data or end: 2 runs of 2 at
-        // first, 1 of 12 later under CPU load (0 of many without it). It
+        // first, 1 of 17 later (CPU hogs beside) (0 of many without it). It
         // stays off until that is understood (docs/PERFORMANCE.md).
         let op = Op::Recv {
             socket: conn.socket.clone(),
