@@ -371,6 +371,12 @@ struct TimerShared {
     changed: Condvar,
 }
 
+impl TimerShared {
+    fn lock(&self) -> MutexGuard<'_, Timers> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
 /// Everything behind the backend's lock.
 struct Table {
     /// Operations in flight, by slot.
@@ -831,12 +837,7 @@ impl Backend {
             );
         }
         drop(thread);
-        let mut st = self
-            .sh
-            .timers
-            .state
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut st = self.sh.timers.lock();
         st.due.insert((due, id.0), at);
         self.sh.timers.changed.notify_one();
         Ok(())
@@ -869,12 +870,7 @@ impl Backend {
             }
             Some(Op::Connect { socket, .. }) => cancel_io(raw(socket), &e.hdr.ovl),
             Some(Op::Timeout { .. }) => {
-                let mut st = self
-                    .sh
-                    .timers
-                    .state
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner());
+                let mut st = self.sh.timers.lock();
                 let key = st.due.iter().find(|(k, _)| k.1 == id.0).map(|(k, _)| *k);
                 if let Some(k) = key {
                     // Ours to post, not the timer thread's: it completes now.
@@ -1401,7 +1397,7 @@ fn finish_accept(listener: &Socket, socket: &Socket, addrs: &[u8; 2 * ADDR_LEN])
 
 /// The timer thread: posts each timer's packet when it is due.
 fn timer_main(timers: Arc<TimerShared>, port: PortHandle) {
-    let mut st = timers.state.lock().unwrap_or_else(|e| e.into_inner());
+    let mut st = timers.lock();
     loop {
         if st.stop {
             return;
@@ -1440,12 +1436,7 @@ impl Drop for Backend {
     /// that it never writes into freed memory.
     fn drop(&mut self) {
         {
-            let mut st = self
-                .sh
-                .timers
-                .state
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
+            let mut st = self.sh.timers.lock();
             st.stop = true;
             self.sh.timers.changed.notify_all();
         }
@@ -1472,12 +1463,7 @@ impl Drop for Backend {
         }
         // Timers the thread never posted: post them now (cancelled).
         let unposted: Vec<usize> = {
-            let mut st = self
-                .sh
-                .timers
-                .state
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
+            let mut st = self.sh.timers.lock();
             std::mem::take(&mut st.due).into_values().collect()
         };
         for at in unposted {
