@@ -18,8 +18,8 @@ if ! command -v cargo >/dev/null 2>&1; then
     if [ -x "$HOME/.cargo/bin/cargo" ]; then
         export PATH="$HOME/.cargo/bin:$PATH"
     else
-        curl -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal
-        export PATH="$HOME/.cargo/bin:$PATH"
+        echo "error: relhostile: cargo is not on PATH nor in ~/.cargo/bin; install a Rust toolchain (rustup) first" >&2
+        exit 1
     fi
 fi
 # Attackers bind 127.0.0.2-4 (all of 127/8 is loopback on Linux) and the

@@ -8,7 +8,8 @@
 #
 # Knobs (environment): RELMODELS_FUZZ_RUNS (default 30000 per target),
 # RELMODELS_ONLY (space-separated sub-stages to run, default all:
-# fuzz asan valgrind miri loom).
+# fuzz asan valgrind miri loom). The prerequisites are installed and
+# checked whatever RELMODELS_ONLY says.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,19 +30,15 @@ sub() {
 
 die() { echo "error: relmodels: $*" >&2; exit 1; }
 
+# The nightly toolchain with miri and rust-src, and valgrind: installed
+# through the same functions as the CI's first stage (.ci/prereqs.sh).
 prereqs() {
-    command -v rustup >/dev/null || die "rustup is required (https://rustup.rs)"
-    if ! rustup run nightly rustc --version >/dev/null 2>&1; then
-        rustup toolchain install nightly --profile minimal ||
-            die "cannot obtain the nightly toolchain (needed for -Zsanitizer, Miri and libFuzzer instrumentation); run: rustup toolchain install nightly"
-    fi
-    rustup component add --toolchain nightly miri rust-src >/dev/null 2>&1 ||
-        die "cannot add the miri and rust-src components to nightly; run: rustup component add --toolchain nightly miri rust-src"
-    if ! command -v valgrind >/dev/null; then
-        { apt-get update -qq && apt-get install -y -qq valgrind >/dev/null; } ||
-            die "valgrind is missing and apt-get could not install it"
-    fi
+    # shellcheck source=.ci/prereqs.sh
+    CPORT_PREREQS_LIB=1 source .ci/prereqs.sh
+    command -v valgrind >/dev/null || apt_install valgrind
+    install_rust_parts
     rustc +nightly --version
+    cargo +nightly miri --version || die "Miri does not run; run: rustup component add --toolchain nightly miri rust-src"
     valgrind --version
 }
 
@@ -139,7 +136,11 @@ loom() {
     "$exe" --test-threads=1 --nocapture loom_
 }
 
-sub prereqs prereqs
+# Not a `sub`: whatever RELMODELS_ONLY selects needs these.
+s=$(date +%s)
+echo "--- relmodels/prereqs"
+prereqs
+echo "--- relmodels/prereqs: $(( $(date +%s) - s ))s"
 sub fuzz fuzz
 sub asan asan
 sub valgrind valgrind_subset
