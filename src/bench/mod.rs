@@ -54,15 +54,31 @@ pub enum LoadKind {
         /// Bytes per message.
         size: usize,
     },
+    /// `conns` connections, each driven by an OS thread of its own that
+    /// writes a `size`-byte echo, reads it back, and repeats: the
+    /// blocking thread-per-connection client of the common echo
+    /// benchmarks, as a second load generator beside `stress`.
+    Threads {
+        /// Connections (and client threads).
+        conns: u64,
+        /// Bytes per message.
+        size: usize,
+    },
     /// `conns` connections held open, silent: the server's memory per
-    /// idle connection.
+    /// idle connection. With `echo`, each connection first does one
+    /// 512-byte echo, so whatever a connection grows on its first message
+    /// and keeps is counted too.
     Idle {
         /// Connections.
         conns: u64,
+        /// One echo per connection before it goes idle.
+        #[serde(default)]
+        echo: bool,
     },
 }
 
-/// A load and its name (`pingpong:100x512`, `flood:1000x4KiB`, `idle:10000`).
+/// A load and its name (`pingpong:100x512`, `flood:1000x4KiB`,
+/// `threads:100x512`, `idle:10000`, `idle-echo:10000`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LoadSpec {
     /// The name it was given by.
@@ -82,35 +98,49 @@ impl LoadSpec {
         match self.kind {
             LoadKind::Pingpong { conns, .. }
             | LoadKind::Flood { conns, .. }
-            | LoadKind::Idle { conns } => conns,
+            | LoadKind::Threads { conns, .. }
+            | LoadKind::Idle { conns, .. } => conns,
         }
     }
 }
 
 /// The loads a default bench runs: echo ping-pong at 100 and 1,000
-/// connections, the seeds' throughput rows (flood at 1,000 and 5,000
-/// connections), and idle memory at 10,000 connections.
+/// connections from `stress`, the same 100 × 512 B from a blocking
+/// thread-per-connection client, the classic throughput rows (flood at
+/// 1,000 and 5,000 connections), and memory per idle connection at
+/// 10,000 connections, silent from the start and after one echo each.
 pub const DEFAULT_LOADS: &[&str] = &[
     "pingpong:100x512",
+    "threads:100x512",
     "pingpong:1000x512",
     "flood:1000x4KiB",
     "flood:5000x4KiB",
     "idle:10000",
+    "idle-echo:10000",
 ];
 
 /// The loads of `--quick`: small and short, a smoke test.
-pub const QUICK_LOADS: &[&str] = &["pingpong:50x512", "flood:50x4KiB", "idle:500"];
+pub const QUICK_LOADS: &[&str] = &[
+    "pingpong:50x512",
+    "threads:20x512",
+    "flood:50x4KiB",
+    "idle:500",
+    "idle-echo:500",
+];
 
 /// Most connections one load may ask for: the client holds them in this
 /// process (idle) or in one stress process (traffic).
 pub const MAX_LOAD_CONNS: u64 = 15_000;
 
-/// Parses `pingpong:CxS`, `flood:CxS` or `idle:C` (S a size: `512`,
-/// `4KiB`).
+/// Most connections of a `threads` load: one OS thread each.
+pub const MAX_THREAD_CONNS: u64 = 2_000;
+
+/// Parses `pingpong:CxS`, `flood:CxS`, `threads:CxS`, `idle:C` or
+/// `idle-echo:C` (S a size: `512`, `4KiB`).
 pub fn parse_load(s: &str) -> Result<LoadSpec, String> {
     let bad = || {
         format!(
-            "bad load '{s}': write pingpong:CONNSxSIZE, flood:CONNSxSIZE or idle:CONNS (e.g. pingpong:100x512, flood:1000x4KiB, idle:10000)"
+            "bad load '{s}': write pingpong:CONNSxSIZE, flood:CONNSxSIZE, threads:CONNSxSIZE, idle:CONNS or idle-echo:CONNS (e.g. pingpong:100x512, flood:1000x4KiB, threads:100x512, idle:10000)"
         )
     };
     let (mode, rest) = s.split_once(':').ok_or_else(bad)?;
@@ -124,10 +154,11 @@ pub fn parse_load(s: &str) -> Result<LoadSpec, String> {
         Ok(n)
     };
     let kind = match mode {
-        "idle" => LoadKind::Idle {
+        "idle" | "idle-echo" => LoadKind::Idle {
             conns: conns_of(rest)?,
+            echo: mode == "idle-echo",
         },
-        "pingpong" | "flood" => {
+        "pingpong" | "flood" | "threads" => {
             let (c, z) = rest.split_once(['x', 'X']).ok_or_else(bad)?;
             let conns = conns_of(c)?;
             let size =
@@ -139,10 +170,15 @@ pub fn parse_load(s: &str) -> Result<LoadSpec, String> {
                 ));
             }
             let size = size as usize;
-            if mode == "pingpong" {
-                LoadKind::Pingpong { conns, size }
-            } else {
-                LoadKind::Flood { conns, size }
+            match mode {
+                "pingpong" => LoadKind::Pingpong { conns, size },
+                "flood" => LoadKind::Flood { conns, size },
+                _ if conns > MAX_THREAD_CONNS => {
+                    return Err(format!(
+                        "load '{s}': a threads load runs one client thread per connection, at most {MAX_THREAD_CONNS}"
+                    ));
+                }
+                _ => LoadKind::Threads { conns, size },
             }
         }
         _ => return Err(bad()),
@@ -432,6 +468,10 @@ fn measure_one(
         measure::idle(load, &spec.name, raw, addr, pid, round, stop, |n| {
             on_event(Event::Opened(n))
         })
+    } else if let LoadKind::Threads { .. } = load.kind {
+        measure::threads(cfg, load, &spec.name, raw, addr, pid, round, stop, |n| {
+            on_event(Event::Opened(n))
+        })
     } else {
         measure::traffic(cfg, load, &spec.name, raw, addr, pid, round, stop, |p| {
             on_event(Event::Traffic(p))
@@ -466,12 +506,13 @@ type Field = fn(&Figures) -> Option<f64>;
 type FieldMut = fn(&mut Figures) -> &mut Option<f64>;
 
 /// Each figure: how to read it and how to write it.
-const FIELDS: [(Field, FieldMut); 7] = [
+const FIELDS: [(Field, FieldMut); 8] = [
     (|f| f.req_per_s, |f| &mut f.req_per_s),
     (|f| f.mb_per_s, |f| &mut f.mb_per_s),
     (|f| f.p50_us, |f| &mut f.p50_us),
     (|f| f.p99_us, |f| &mut f.p99_us),
     (|f| f.cpu_us_per_req, |f| &mut f.cpu_us_per_req),
+    (|f| f.machine_us_per_req, |f| &mut f.machine_us_per_req),
     (|f| f.rss_per_conn, |f| &mut f.rss_per_conn),
     (|f| f.rss_bytes, |f| &mut f.rss_bytes),
 ];
@@ -550,15 +591,15 @@ impl BenchReport {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "| load | server | req/s | MB/s | p50 µs | p99 µs | server CPU µs/req | RSS/conn B |"
+            "| load | server | req/s | MB/s | p50 µs | p99 µs | server CPU µs/req | machine CPU µs/req | RSS/conn B |"
         );
-        let _ = writeln!(out, "|---|---|---:|---:|---:|---:|---:|---:|");
+        let _ = writeln!(out, "|---|---|---:|---:|---:|---:|---:|---:|---:|");
         for r in &self.rows {
             let base = r.server == self.baseline;
             let (m, q) = (&r.median, &r.ratio);
             let _ = writeln!(
                 out,
-                "| {} | {}{} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {}{} | {} | {} | {} | {} | {} | {} | {} |",
                 r.load,
                 r.server,
                 if r.errors > 0 { " (!)" } else { "" },
@@ -567,6 +608,7 @@ impl BenchReport {
                 cell(m.p50_us, q.p50_us, false),
                 cell(m.p99_us, q.p99_us, !base),
                 cell(m.cpu_us_per_req, q.cpu_us_per_req, !base),
+                cell(m.machine_us_per_req, q.machine_us_per_req, !base),
                 cell(m.rss_per_conn, q.rss_per_conn, !base),
             );
         }
@@ -598,8 +640,11 @@ impl BenchReport {
             "{} server(s) x {} load(s); medians of {} interleaved round(s) ({} for idle loads); \
              {:.1} s windows after {:.1} s warm-up; flood window {}; client: {} thread(s) on {}; \
              {} cores; ratios (×) to {}; took {:.0} s.\n\
-             server CPU = the server process's user+system time over the window / echoes in it; \
-             RSS/conn = server RSS added per silent connection (idle loads); JSON also has each server's RSS under traffic.\n",
+             server CPU = the server's threads' time on a CPU (schedstat) over the window / echoes in it; \
+             machine CPU = all non-idle CPU time of the machine (/proc/stat: client, server and kernel) over the window / echoes; \
+             traffic loads run on `stress` (pingpong, flood) or on one blocking client thread per connection (threads); \
+             RSS/conn = server RSS added per idle connection (idle: silent from the start; idle-echo: after one echo each); \
+             JSON also has each server's RSS under traffic.\n",
             self.servers.len(),
             self.loads.len(),
             f.rounds,
@@ -693,7 +738,24 @@ mod tests {
         );
         assert_eq!(
             parse_load("idle:10000").unwrap().kind,
-            LoadKind::Idle { conns: 10000 }
+            LoadKind::Idle {
+                conns: 10000,
+                echo: false
+            }
+        );
+        assert_eq!(
+            parse_load("idle-echo:10000").unwrap().kind,
+            LoadKind::Idle {
+                conns: 10000,
+                echo: true
+            }
+        );
+        assert_eq!(
+            parse_load("threads:100x512").unwrap().kind,
+            LoadKind::Threads {
+                conns: 100,
+                size: 512
+            }
         );
         for l in DEFAULT_LOADS.iter().chain(QUICK_LOADS) {
             parse_load(l).unwrap();
@@ -706,6 +768,9 @@ mod tests {
             "idle:20000",
             "storm:1x1",
             "flood:ax1",
+            "threads:5000x512",
+            "threads:10",
+            "idle-echo:0",
         ] {
             let e = parse_load(bad).unwrap_err();
             assert!(e.contains(bad), "{bad}: {e}");

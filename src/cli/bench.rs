@@ -25,9 +25,13 @@ pub(crate) struct BenchArgs {
     /// (see --list).
     #[arg(long, value_name = "LIST", value_delimiter = ',')]
     servers: Vec<String>,
-    /// Loads, comma-separated: pingpong:CONNSxSIZE, flood:CONNSxSIZE,
-    /// idle:CONNS [default: pingpong:100x512, pingpong:1000x512,
-    /// flood:1000x4KiB, flood:5000x4KiB, idle:10000].
+    /// Loads, comma-separated: pingpong:CONNSxSIZE and flood:CONNSxSIZE
+    /// (from the stress client), threads:CONNSxSIZE (one blocking client
+    /// thread per connection: write, read the echo, repeat), idle:CONNS
+    /// (silent connections) and idle-echo:CONNS (silent after one echo
+    /// each) [default: pingpong:100x512, threads:100x512,
+    /// pingpong:1000x512, flood:1000x4KiB, flood:5000x4KiB, idle:10000,
+    /// idle-echo:10000].
     #[arg(long, value_name = "LIST", value_delimiter = ',')]
     loads: Vec<String>,
     /// Rounds of each traffic load; the table shows medians.
@@ -312,7 +316,7 @@ impl Display {
             }
             Event::Opened(n) => {
                 if let Some(b) = &self.bar {
-                    b.set_message(format!("{}: {n} idle connections", self.current));
+                    b.set_message(format!("{}: {n} connections open", self.current));
                 }
             }
             Event::End(m) => {

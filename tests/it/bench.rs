@@ -47,7 +47,7 @@ fn bench_small_run_writes_table_json_and_chart() {
         "--servers",
         &servers,
         "--loads",
-        "pingpong:20x256,flood:20x1KiB,idle:200",
+        "pingpong:20x256,threads:10x256,flood:20x1KiB,idle:200,idle-echo:200",
         "--rounds",
         "2",
         "--duration",
@@ -84,13 +84,14 @@ fn bench_small_run_writes_table_json_and_chart() {
     // The first server listed is the baseline when tokio is not benched.
     assert_eq!(r["baseline"], names[0], "{r:#}");
     let ms = r["measurements"].as_array().unwrap();
-    // Two rounds of two traffic loads, one round of idle, per server.
-    assert_eq!(ms.len(), 2 * (2 * 2 + 1), "{r:#}");
+    // Two rounds of three traffic loads, one round of each idle load,
+    // per server.
+    assert_eq!(ms.len(), 2 * (2 * 3 + 2), "{r:#}");
     for m in ms {
         assert_eq!(m["errors"], 0, "{m:#}");
     }
     let rows = r["rows"].as_array().unwrap();
-    assert_eq!(rows.len(), 3 * 2, "{r:#}");
+    assert_eq!(rows.len(), 5 * 2, "{r:#}");
     for row in rows {
         let med = &row["median"];
         if row["load"].as_str().unwrap().starts_with("idle") {
@@ -104,6 +105,7 @@ fn bench_small_run_writes_table_json_and_chart() {
             assert!(med["req_per_s"].as_f64().unwrap() > 0.0, "{row:#}");
             assert!(med["mb_per_s"].as_f64().unwrap() > 0.0, "{row:#}");
             assert!(med["cpu_us_per_req"].as_f64().unwrap() > 0.0, "{row:#}");
+            assert!(med["machine_us_per_req"].as_f64().unwrap() > 0.0, "{row:#}");
             assert!(med["p99_us"].as_f64().unwrap() >= med["p50_us"].as_f64().unwrap());
             assert_eq!(row["runs"], 2, "{row:#}");
         }
@@ -129,6 +131,7 @@ fn bench_bad_flags_exit_2_with_one_error_line() {
         &["--loads", "storm:1x1"],
         &["--loads", "pingpong:0x512"],
         &["--loads", "idle:99999"],
+        &["--loads", "threads:5000x512"],
         &["--servers", "nginx"],
         &["--servers", "cport-raw", "--baseline", "tokio-mt"],
         &["--servers", "cport-raw", "--duration", "10ms"],

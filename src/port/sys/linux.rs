@@ -98,6 +98,57 @@ pub fn accept_queue_len(port: u16) -> Option<u64> {
     found.then_some(total)
 }
 
+/// CPU time the threads of process `pid` have spent running, summed over
+/// `/proc/PID/task/*/schedstat` (its first field: nanoseconds on a CPU,
+/// as the scheduler accounts it, where `/proc/PID/stat` samples in
+/// clock ticks and misreads threads that sleep and wake thousands of
+/// times a second). Threads that have exited are not counted, so read it
+/// around a window in which the process keeps its threads. `None` if the
+/// process is gone or schedstat is not available.
+pub fn sched_cpu_of(pid: u32) -> Option<Duration> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    let mut total = 0u64;
+    let mut any = false;
+    for t in tasks.flatten() {
+        let Ok(text) = std::fs::read_to_string(t.path().join("schedstat")) else {
+            continue;
+        };
+        if let Some(ns) = text
+            .split_whitespace()
+            .next()
+            .and_then(|f| f.parse::<u64>().ok())
+        {
+            total += ns;
+            any = true;
+        }
+    }
+    any.then(|| Duration::from_nanos(total))
+}
+
+/// The whole machine's CPU time so far, from the first line of
+/// `/proc/stat`: `(busy, all)`, where busy is every state but idle and
+/// I/O wait (user, nice, system, irq, softirq, steal), summed over the
+/// cores. On loopback the kernel's network work lands on whichever task
+/// happens to run, so the busy time over a window, divided by the
+/// requests in it, is the honest cost of a request to client, server and
+/// kernel together.
+pub fn machine_cpu() -> Option<(Duration, Duration)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().next()?.strip_prefix("cpu ")?;
+    let f: Vec<u64> = line
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    let at = |i: usize| f.get(i).copied().unwrap_or(0);
+    // user nice system idle iowait irq softirq steal (guest is in user).
+    let busy = at(0) + at(1) + at(2) + at(5) + at(6) + at(7);
+    let all = busy + at(3) + at(4);
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    let d = |t: u64| Duration::from_nanos(t * 1_000_000_000 / tick);
+    Some((d(busy), d(all)))
+}
+
 /// The ephemeral port range (`net.ipv4.ip_local_port_range`) as
 /// `(first, last)`; `None` if it cannot be read.
 pub fn ephemeral_port_range() -> Option<(u16, u16)> {

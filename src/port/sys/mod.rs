@@ -74,8 +74,8 @@ mod linux;
 #[cfg(target_os = "linux")]
 pub use linux::{
     ProcessUsage, accept_queue_len, ephemeral_port_range, errno, fd_hard_limit, fd_limit,
-    is_escape, open_beneath, open_dir, process_cpu_rss_of, process_usage, process_usage_of,
-    raise_fd_limit, set_bind_address_no_port, set_keepalive,
+    is_escape, machine_cpu, open_beneath, open_dir, process_cpu_rss_of, process_usage,
+    process_usage_of, raise_fd_limit, sched_cpu_of, set_bind_address_no_port, set_keepalive,
 };
 #[cfg(target_os = "linux")]
 use linux::{map_pages, unmap_pages};
@@ -93,8 +93,8 @@ mod pool;
 #[cfg(windows)]
 pub use windows::{
     ProcessUsage, accept_queue_len, ephemeral_port_range, errno, fd_hard_limit, fd_limit,
-    is_escape, open_beneath, open_dir, process_cpu_rss_of, process_usage, process_usage_of,
-    raise_fd_limit, set_bind_address_no_port, set_keepalive,
+    is_escape, machine_cpu, open_beneath, open_dir, process_cpu_rss_of, process_usage,
+    process_usage_of, raise_fd_limit, sched_cpu_of, set_bind_address_no_port, set_keepalive,
 };
 
 use std::collections::VecDeque;

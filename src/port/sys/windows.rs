@@ -21,7 +21,7 @@ use windows_sys::Win32::System::Memory::{
 };
 use windows_sys::Win32::System::ProcessStatus::{K32GetProcessMemoryInfo, PROCESS_MEMORY_COUNTERS};
 use windows_sys::Win32::System::Threading::{
-    GetCurrentProcess, GetProcessHandleCount, GetProcessTimes, OpenProcess,
+    GetCurrentProcess, GetProcessHandleCount, GetProcessTimes, GetSystemTimes, OpenProcess,
     PROCESS_QUERY_LIMITED_INFORMATION,
 };
 
@@ -62,6 +62,37 @@ pub fn process_usage_of(pid: u32) -> Option<ProcessUsage> {
 /// `None` if it is gone or we may not query it.
 pub fn process_cpu_rss_of(pid: u32) -> Option<(Duration, u64)> {
     process_usage_of(pid).map(|u| (u.cpu, u.rss))
+}
+
+/// CPU time the threads of process `pid` have spent running (user +
+/// kernel, from GetProcessTimes: Windows keeps no per-thread scheduler
+/// clock that is finer); `None` if it is gone or we may not query it.
+pub fn sched_cpu_of(pid: u32) -> Option<Duration> {
+    process_usage_of(pid).map(|u| u.cpu)
+}
+
+/// The whole machine's CPU time so far: `(busy, all)` summed over the
+/// cores, from GetSystemTimes (whose kernel time includes idle time).
+pub fn machine_cpu() -> Option<(Duration, Duration)> {
+    let zero = FILETIME {
+        dwLowDateTime: 0,
+        dwHighDateTime: 0,
+    };
+    let (mut idle, mut kernel, mut user) = (zero, zero, zero);
+    // SAFETY: GetSystemTimes writes the three FILETIMEs we pass and
+    // nothing else.
+    let ok = unsafe { GetSystemTimes(&mut idle, &mut kernel, &mut user) };
+    if ok == 0 {
+        return None;
+    }
+    let t = |f: FILETIME| ((f.dwHighDateTime as u64) << 32) | f.dwLowDateTime as u64;
+    let all = t(kernel) + t(user);
+    let busy = all.saturating_sub(t(idle));
+    // FILETIME counts 100 ns units.
+    Some((
+        Duration::from_nanos(busy * 100),
+        Duration::from_nanos(all * 100),
+    ))
 }
 
 /// Connections waiting in the accept queue of a listener on local port
