@@ -456,7 +456,7 @@ pub(crate) fn threads(
     if mismatches > 0 {
         m.notes.push(format!("{mismatches} echo(es) did not match"));
     }
-    if latency.len() > 0 {
+    if !latency.is_empty() {
         m.figures.p50_us = Some(latency.value_at_quantile(0.5) as f64);
         m.figures.p99_us = Some(latency.value_at_quantile(0.99) as f64);
     }
