@@ -488,6 +488,36 @@ fn settled_rss(pid: u32, within: Duration) -> Option<u64> {
     }
 }
 
+/// Connections and echoes of the pool warm-up before an `idle-echo`
+/// baseline: 8 × 4,096 echoes of 512 B cycle through receive pools of
+/// up to 32,768 buffers.
+const WARM_CONNS: u64 = 8;
+const WARM_ECHOES: u64 = 4096;
+
+fn warm_pools(raw: bool, addr: SocketAddr, timeout: Duration) -> io::Result<()> {
+    let mut conns = Vec::new();
+    for c in 0..WARM_CONNS {
+        let s = TcpStream::connect_timeout(&addr, timeout)?;
+        s.set_read_timeout(Some(timeout))?;
+        s.set_nodelay(true)?;
+        conns.push((s, echo_message(raw, &body_for(c, 512))));
+    }
+    let mut back = vec![0u8; conns[0].1.len()];
+    for _ in 0..WARM_ECHOES {
+        for (s, msg) in &mut conns {
+            s.write_all(msg)?;
+            s.read_exact(&mut back)?;
+            if back != *msg {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "the echo came back different",
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Holds `conns` idle connections to the server and reads its RSS: the
 /// server's memory per idle connection. One echo first, on a connection
 /// of its own, so that memory set up lazily on the first request is in
@@ -522,6 +552,15 @@ pub(crate) fn idle(
             m.notes.push("warm-up echo came back different".into());
             m.errors += 1;
         }
+    }
+    if echo {
+        // Receive pools hand their buffers out in turn, so 10,000 first
+        // echoes touch pool pages that any traffic would touch: memory of
+        // the server, not of its idle connections. Warm the pools before
+        // the baseline (several connections, so every port of a per-core
+        // server sees traffic).
+        warm_pools(raw, addr, timeout)
+            .map_err(|e| io::Error::new(e.kind(), format!("pool warm-up: {e}")))?;
     }
     let base = settled_rss(pid, Duration::from_secs(2))
         .ok_or_else(|| io::Error::other("cannot read the server's RSS"))?;
