@@ -69,8 +69,37 @@ impl Services {
                     &format!("forbidden path {path:?}: leads outside the files directory"),
                 );
             }
+            Err(e) if sys::is_loop(&e) => {
+                return ctx.send_error(
+                    code::NOT_FOUND,
+                    &format!(
+                        "{path:?} cannot be resolved: symbolic link loop \
+                         (too many levels of symbolic links)"
+                    ),
+                );
+            }
+            Err(e) if sys::is_not_regular(&e) && e.kind() == io::ErrorKind::IsADirectory => {
+                return ctx.send_error(code::NOT_FOUND, &format!("{path:?} {e}"));
+            }
+            // A FIFO (whose open would wait for a writer), a socket or a
+            // device: never opened for reading.
+            Err(e) if sys::is_not_regular(&e) => {
+                return ctx.send_error(code::FORBIDDEN, &format!("forbidden path {path:?}: {e}"));
+            }
             Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
                 return ctx.send_error(code::FORBIDDEN, &format!("{path:?}: {e}"));
+            }
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(sys::errno::EMFILE) | Some(sys::errno::ENFILE)
+                ) =>
+            {
+                tracing::warn!("FILE {path:?}: {e}");
+                return ctx.send_error(
+                    code::BUSY,
+                    &format!("server busy: cannot open {path:?} now ({e})"),
+                );
             }
             Err(e) => return ctx.send_error(code::NOT_FOUND, &format!("{path:?}: {e}")),
         };

@@ -74,8 +74,8 @@ mod linux;
 #[cfg(target_os = "linux")]
 pub use linux::{
     ProcessUsage, accept_queue_len, ephemeral_port_range, errno, fd_hard_limit, fd_limit,
-    is_escape, open_beneath, open_dir, process_cpu_rss_of, process_usage, process_usage_of,
-    raise_fd_limit, set_bind_address_no_port, set_keepalive,
+    is_escape, is_loop, open_beneath, open_dir, process_cpu_rss_of, process_usage,
+    process_usage_of, raise_fd_limit, set_bind_address_no_port, set_keepalive,
 };
 #[cfg(target_os = "linux")]
 use linux::{map_pages, unmap_pages};
@@ -88,13 +88,43 @@ mod windows;
 #[cfg(windows)]
 use windows::{map_pages, unmap_pages};
 
+/// The error `open_beneath` gives for a path that names something other
+/// than a regular file (a FIFO, socket, device or directory), which it
+/// refuses without reading from it.
+#[derive(Debug)]
+struct NotRegular(&'static str);
+
+impl std::fmt::Display for NotRegular {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "is {}, not a regular file", self.0)
+    }
+}
+
+impl std::error::Error for NotRegular {}
+
+/// A [`NotRegular`] error; `kind` says what the path names ("a FIFO").
+fn not_regular(kind: &'static str) -> io::Error {
+    let k = if kind == "a directory" {
+        io::ErrorKind::IsADirectory
+    } else {
+        io::ErrorKind::InvalidInput
+    };
+    io::Error::new(k, NotRegular(kind))
+}
+
+/// Whether an error from `open_beneath` means the path names something
+/// other than a regular file (its kind is `IsADirectory` for a directory).
+pub fn is_not_regular(e: &io::Error) -> bool {
+    e.get_ref().is_some_and(|r| r.is::<NotRegular>())
+}
+
 /// The receive pool the poll and IOCP backends share.
 mod pool;
 #[cfg(windows)]
 pub use windows::{
     ProcessUsage, accept_queue_len, ephemeral_port_range, errno, fd_hard_limit, fd_limit,
-    is_escape, open_beneath, open_dir, process_cpu_rss_of, process_usage, process_usage_of,
-    raise_fd_limit, set_bind_address_no_port, set_keepalive,
+    is_escape, is_loop, open_beneath, open_dir, process_cpu_rss_of, process_usage,
+    process_usage_of, raise_fd_limit, set_bind_address_no_port, set_keepalive,
 };
 
 use std::collections::VecDeque;

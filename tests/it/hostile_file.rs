@@ -1,0 +1,188 @@
+//! FILE under attack: requests that must not block a worker (a FIFO, a
+//! socket file, a device inside the files directory), a symlink loop that
+//! must be told apart from an escape, and a file truncated while it is
+//! being sent, which must never fill the promised length with bytes that
+//! were not in the file.
+
+use std::net::TcpStream;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::util::*;
+
+const ERR_NOT_FOUND: u32 = 3;
+const ERR_FORBIDDEN: u32 = 4;
+
+/// A files directory for one test, removed at the end.
+struct FilesDir(PathBuf);
+
+impl FilesDir {
+    fn new(name: &str) -> FilesDir {
+        let dir = std::env::temp_dir().join(format!("cport-hf-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        FilesDir(dir)
+    }
+    fn path(&self) -> &str {
+        self.0.to_str().unwrap()
+    }
+    fn join(&self, p: &str) -> PathBuf {
+        self.0.join(p)
+    }
+}
+
+impl Drop for FilesDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn mkfifo(p: &Path) {
+    let c = std::ffi::CString::new(p.to_str().unwrap()).unwrap();
+    // SAFETY: a NUL-terminated path; mkfifo reads it only.
+    assert_eq!(
+        unsafe { libc::mkfifo(c.as_ptr(), 0o644) },
+        0,
+        "mkfifo {p:?}"
+    );
+}
+
+/// Opens every FIFO in `fifos` for writing and closes it at once: a
+/// server worker blocked opening one of them for reading (the old
+/// behaviour) is released, so the server can still be stopped.
+fn release_fifo_readers(fifos: &[PathBuf]) {
+    for f in fifos {
+        let _ = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(f);
+    }
+}
+
+/// Sends FILE `path` and expects ERROR `want` within `t`; returns the message.
+fn file_error_within(s: &mut TcpStream, path: &str, want: u32, t: Duration) -> String {
+    write_frame(s, CMD_FILE, path.as_bytes()).unwrap();
+    let (cmd, body) = read_frame_timeout(s, t)
+        .unwrap_or_else(|e| panic!("FILE {path:?}: no reply within {t:?}: {e}"));
+    assert_eq!(cmd, CMD_ERROR, "FILE {path:?} must be refused");
+    let code = u32::from_be_bytes(body[..4].try_into().unwrap());
+    let msg = String::from_utf8_lossy(&body[4..]).into_owned();
+    assert_eq!(code, want, "FILE {path:?}: {msg}");
+    msg
+}
+
+/// FILE on a FIFO, a socket file, a symlink to a FIFO and a character
+/// device, all inside the files directory: each is refused at once with
+/// ERROR 4, and never blocks a worker. Four FIFO requests per worker are in
+/// flight at once on separate connections while a fresh client must get
+/// PING, ECHO and a real file answered.
+#[test]
+fn special_files_are_refused_without_blocking_a_worker() {
+    let dir = FilesDir::new("special");
+    std::fs::write(dir.join("real.txt"), b"a regular file").unwrap();
+    let fifos: Vec<PathBuf> = (0..8).map(|i| dir.join(&format!("fifo{i}"))).collect();
+    for f in &fifos {
+        mkfifo(f);
+    }
+    std::os::unix::fs::symlink("fifo0", dir.join("to-fifo")).unwrap();
+    let _listener = std::os::unix::net::UnixListener::bind(dir.join("sock")).unwrap();
+    // A device node inside the root (creating one needs privileges; the
+    // FIFO and socket cases stand without it).
+    let dev = dir.join("null");
+    let dev_c = std::ffi::CString::new(dev.to_str().unwrap()).unwrap();
+    // SAFETY: a NUL-terminated path; mknod reads it only.
+    let have_dev =
+        unsafe { libc::mknod(dev_c.as_ptr(), libc::S_IFCHR | 0o666, libc::makedev(1, 3)) } == 0;
+
+    let mut srv = Server::start(&["--files", dir.path(), "--workers", "2"]);
+    let addr = srv.addr();
+    let t = Duration::from_secs(5);
+    // All FIFO requests at once, one connection each, before reading any
+    // reply: with the old blocking open, each takes a worker for good.
+    let mut attackers: Vec<TcpStream> = fifos
+        .iter()
+        .map(|f| {
+            let mut s = connect(addr);
+            let name = f.file_name().unwrap().to_str().unwrap();
+            write_frame(&mut s, CMD_FILE, name.as_bytes()).unwrap();
+            s
+        })
+        .collect();
+    let started = Instant::now();
+    let mut honest = connect(addr);
+    write_frame(&mut honest, CMD_PING, b"still there?").unwrap();
+    let pong = read_frame_timeout(&mut honest, t);
+    if pong.is_err() {
+        release_fifo_readers(&fifos);
+    }
+    let (cmd, body) = pong.unwrap_or_else(|e| {
+        panic!("PING not answered within {t:?} while FIFOs were requested: {e}")
+    });
+    assert_eq!((cmd, &body[..]), (CMD_PONG, &b"still there?"[..]));
+    echo_roundtrip(&mut honest, b"echo beside the FIFOs");
+    write_frame(&mut honest, CMD_FILE, b"real.txt").unwrap();
+    let (cmd, body) = read_frame_timeout(&mut honest, t).expect("FILE real.txt");
+    assert_eq!((cmd, &body[..]), (CMD_FILE, &b"a regular file"[..]));
+    eprintln!(
+        "[special] honest client served {:?} after the FIFO requests",
+        started.elapsed()
+    );
+
+    for (s, f) in attackers.iter_mut().zip(&fifos) {
+        let (cmd, body) = read_frame_timeout(s, t)
+            .unwrap_or_else(|e| panic!("FILE {f:?}: no reply within {t:?}: {e}"));
+        assert_eq!(cmd, CMD_ERROR, "FILE {f:?}");
+        let code = u32::from_be_bytes(body[..4].try_into().unwrap());
+        let msg = String::from_utf8_lossy(&body[4..]).into_owned();
+        assert_eq!(code, ERR_FORBIDDEN, "FILE {f:?}: {msg}");
+        assert!(
+            msg.contains("FIFO"),
+            "the message says what the path is: {msg}"
+        );
+    }
+    let msg = file_error_within(&mut honest, "to-fifo", ERR_FORBIDDEN, t);
+    assert!(msg.contains("FIFO"), "{msg}");
+    let msg = file_error_within(&mut honest, "sock", ERR_FORBIDDEN, t);
+    assert!(msg.contains("socket"), "{msg}");
+    if have_dev {
+        let msg = file_error_within(&mut honest, "null", ERR_FORBIDDEN, t);
+        assert!(msg.contains("device"), "{msg}");
+    } else {
+        eprintln!("[special] no privilege to create a device node; device case not run");
+    }
+    // The connections stay usable after the refusals.
+    echo_roundtrip(&mut honest, b"after the refusals");
+    for s in &mut attackers {
+        echo_roundtrip(s, b"attacker still served");
+    }
+    let n = attackers.len() as u64 + 1;
+    drop(attackers);
+    drop(honest);
+    srv.stop_checked(n);
+}
+
+/// A symlink loop inside the files directory is "not found" with a message
+/// that says it is a loop, not "leads outside the files directory"; an
+/// escape is still ERROR 4 with its own message.
+#[test]
+fn symlink_loop_is_not_reported_as_an_escape() {
+    let dir = FilesDir::new("loop");
+    std::os::unix::fs::symlink("b", dir.join("a")).unwrap();
+    std::os::unix::fs::symlink("a", dir.join("b")).unwrap();
+    std::os::unix::fs::symlink("self", dir.join("self")).unwrap();
+    std::os::unix::fs::symlink("/etc/passwd", dir.join("escape")).unwrap();
+    let mut srv = Server::start(&["--files", dir.path()]);
+    let mut s = connect(srv.addr());
+    let t = Duration::from_secs(10);
+    for path in ["a", "self", "a/x"] {
+        let msg = file_error_within(&mut s, path, ERR_NOT_FOUND, t);
+        assert!(msg.contains("loop"), "FILE {path:?}: {msg}");
+        assert!(!msg.contains("outside"), "FILE {path:?}: {msg}");
+    }
+    let msg = file_error_within(&mut s, "escape", ERR_FORBIDDEN, t);
+    assert!(msg.contains("outside"), "{msg}");
+    echo_roundtrip(&mut s, b"still usable");
+    drop(s);
+    srv.stop_checked(1);
+}
