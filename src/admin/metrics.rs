@@ -207,6 +207,12 @@ impl Collector for SnapshotCollector {
             "Completions for connections already gone (dropped).",
             s.late_completions,
         )?;
+        counter(
+            &mut e,
+            "cport_file_truncated",
+            "FILE replies cut short because the file shrank while being sent.",
+            s.file_truncated,
+        )?;
         counters(
             &mut e,
             "cport_completions",

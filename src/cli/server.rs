@@ -32,11 +32,13 @@ pub(crate) enum OnOff {
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub(crate) enum FileSendArg {
-    /// Copy small files, splice large ones.
+    /// Copy small files, splice large ones (zero-copy: see splice).
     Auto,
-    /// Always zero-copy.
+    /// Always zero-copy; a file truncated while being sent can then
+    /// deliver zeros to the client, so only for files replaced by rename.
     Splice,
-    /// Always read into memory and send.
+    /// Always read into memory and send: a truncated file ends its reply
+    /// with a close, never with bytes that were not in it.
     Copy,
 }
 
@@ -82,8 +84,9 @@ pub(crate) struct ServerArgs {
     /// Serve files beneath this directory with the FILE command.
     #[arg(long, value_name = "DIR")]
     files: Option<std::path::PathBuf>,
-    /// How FILE sends: zero-copy (splice), copy (read + send), or auto (copy below 1 MiB).
-    #[arg(long, value_enum, default_value_t = FileSendArg::Auto)]
+    /// How FILE sends: copy (read + send), zero-copy (splice: only for files
+    /// never truncated while served), or auto (copy below 1 MiB, else splice).
+    #[arg(long, value_enum, default_value_t = FileSendArg::Copy)]
     file_send: FileSendArg,
     /// Hold accepted connections in io_uring's registered-file table (direct
     /// descriptors), so the server holds more connections than its

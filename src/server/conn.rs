@@ -609,7 +609,12 @@ pub(crate) fn on_sent(
 }
 
 /// A file send completed with `result`.
-pub(crate) fn on_sent_file(shared: &Shared, st: &mut ConnState, result: io::Result<usize>) {
+pub(crate) fn on_sent_file(
+    shared: &Shared,
+    conn: &Conn,
+    st: &mut ConnState,
+    result: io::Result<usize>,
+) {
     st.send_op = None;
     let Some((file, offset, len)) = st.file_inflight.take() else {
         return;
@@ -618,12 +623,24 @@ pub(crate) fn on_sent_file(shared: &Shared, st: &mut ConnState, result: io::Resu
         Ok(0) if len > 0 => {
             st.files_queued -= 1;
             // The file shrank under us: the frame header promised bytes we
-            // cannot send, so the stream cannot be continued.
+            // cannot send, so the stream cannot be continued. Everything
+            // sent was read from the file; the peer sees the reply cut
+            // short by the close, never padded.
+            shared.stats.file_truncated();
+            tracing::debug!(
+                conn = %conn.id,
+                peer = ?conn.peer,
+                offset,
+                missing = len,
+                "file shrank while being sent; closing the connection"
+            );
             st.close(
                 shared,
                 CloseReason::Error,
                 CloseMode::Abort,
-                Some("file shrank while being sent".into()),
+                Some(format!(
+                    "file shrank while being sent ({len} bytes short at offset {offset})"
+                )),
             );
         }
         Ok(n) => {

@@ -76,7 +76,12 @@ pub struct EngineConfig {
     /// recipients with a backlog are dropped as slow consumers.
     pub max_queued_total: usize,
     /// File segments shorter than this are read into memory and sent; longer
-    /// ones are sent zero-copy (0: always zero-copy; `usize::MAX`: never).
+    /// ones are sent zero-copy (0: always zero-copy; `usize::MAX`, the
+    /// default: never). Zero-copy hands the socket references to the
+    /// file's page cache: if the file is truncated while they are queued,
+    /// the kernel zeroes them in place and the peer receives zeros that were
+    /// never in the file (docs/DESIGN.md, "A file truncated while it is
+    /// sent"). Only for files that are replaced by rename, never truncated.
     pub file_copy_below: usize,
     /// Settings of each port (its `concurrency` is set from the workers).
     pub port: PortConfig,
@@ -97,7 +102,7 @@ impl Default for EngineConfig {
             idle_timeout: Some(Duration::from_secs(60)),
             keepalive: Some(Duration::from_secs(30)),
             max_queued_total: 1 << 30,
-            file_copy_below: DEFAULT_FILE_COPY_BELOW,
+            file_copy_below: usize::MAX,
             port: PortConfig::default(),
         }
     }
@@ -220,8 +225,8 @@ impl fmt::Debug for Engine {
     }
 }
 
-/// Below this size a file is read and sent rather than spliced (see
-/// docs/DESIGN.md for the measurement behind it).
+/// With `--file-send auto`, below this size a file is read and sent rather
+/// than spliced (see docs/DESIGN.md for the measurement behind it).
 pub const DEFAULT_FILE_COPY_BELOW: usize = 1 << 20;
 
 /// The largest value [`EngineRef::post`] carries; the values above are the
@@ -1130,7 +1135,7 @@ impl Shared {
                 conn::on_recv_done(self, &conn, &mut st, result, more)
             }
             Outcome::Sent { result, bufs } => conn::on_sent(self, &mut st, result, bufs),
-            Outcome::SentFile { result, .. } => conn::on_sent_file(self, &mut st, result),
+            Outcome::SentFile { result, .. } => conn::on_sent_file(self, &conn, &mut st, result),
             Outcome::Connected { result, .. } => {
                 st.connect_op = None;
                 st.connecting = false;

@@ -4,6 +4,7 @@
 //! being sent, which must never fill the promised length with bytes that
 //! were not in the file.
 
+use std::io::Read;
 use std::net::TcpStream;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -185,4 +186,129 @@ fn symlink_loop_is_not_reported_as_an_escape() {
     echo_roundtrip(&mut s, b"still usable");
     drop(s);
     srv.stop_checked(1);
+}
+
+/// How a truncated-file reply ended on the client side.
+struct TruncatedReply {
+    /// Body bytes received after the header.
+    received: usize,
+    /// Offset of the first byte that differs from the file's content, if any.
+    first_bad: Option<usize>,
+    /// Zero bytes received where the file had none.
+    zeros: usize,
+}
+
+/// Requests `name` (a `size`-byte file of content `content`), reads the
+/// header and `before` bytes, truncates the file to `keep` bytes, then
+/// reads to EOF or reset.
+fn fetch_while_truncating(
+    srv: &Server,
+    path: &Path,
+    name: &str,
+    content: &[u8],
+    before: usize,
+    keep: u64,
+) -> TruncatedReply {
+    let mut s = connect(srv.addr());
+    write_frame(&mut s, CMD_FILE, name.as_bytes()).unwrap();
+    let mut h = [0u8; HEADER_LEN];
+    s.read_exact(&mut h).unwrap();
+    let len = u32::from_be_bytes(h[..4].try_into().unwrap()) as usize;
+    let cmd = u32::from_be_bytes(h[4..].try_into().unwrap());
+    assert_eq!((cmd, len), (CMD_FILE, content.len()), "FILE {name} header");
+    let mut got = vec![0u8; before];
+    s.read_exact(&mut got).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .set_len(keep)
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                got.extend_from_slice(&buf[..n]);
+                assert!(
+                    got.len() <= content.len(),
+                    "more bytes than the header announced"
+                );
+            }
+            Err(e) if is_closed_error(&e) => break,
+            Err(e) => panic!(
+                "reading the truncated reply: {e} after {} bytes: the server neither \
+                 finished nor closed",
+                got.len()
+            ),
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the truncated reply neither ended nor closed within 20 s"
+        );
+    }
+    let first_bad = got.iter().zip(content).position(|(a, b)| a != b);
+    let zeros = got
+        .iter()
+        .zip(content)
+        .filter(|(a, b)| **a == 0 && **b != 0)
+        .count();
+    TruncatedReply {
+        received: got.len(),
+        first_bad,
+        zeros,
+    }
+}
+
+/// A 64 MiB file truncated to 100 KiB while it is being sent, with the
+/// default file-send mode and with `--file-send copy`: the client receives
+/// only bytes that were in the file (every one equal to the file's
+/// content), then the connection closes; it never receives invented bytes
+/// (zeros) to fill the announced length. The server counts the cut reply
+/// (`file_truncated`). (`--file-send splice` cannot promise this: the
+/// socket holds references to the page cache, which truncate(2) zeroes in
+/// place; see docs/DESIGN.md.)
+#[test]
+fn truncated_file_never_sends_bytes_that_were_not_in_it() {
+    let dir = FilesDir::new("trunc");
+    let size = 64usize << 20;
+    // No zero byte anywhere, so an invented zero cannot pass for content.
+    let content: Vec<u8> = pattern(21, size).into_iter().map(|b| b | 1).collect();
+    for mode in ["default", "copy"] {
+        let path = dir.join(&format!("big-{mode}.bin"));
+        std::fs::write(&path, &content).unwrap();
+        let mut args = vec!["--files", dir.path()];
+        if mode != "default" {
+            args.extend(["--file-send", mode]);
+        }
+        let mut srv = Server::start(&args);
+        let name = format!("big-{mode}.bin");
+        let r = fetch_while_truncating(&srv, &path, &name, &content, 64 << 10, 100 << 10);
+        eprintln!(
+            "[truncate] {mode}: {} bytes received after the truncation to 100 KiB; \
+             first difference at {:?}; {} invented zero bytes",
+            r.received, r.first_bad, r.zeros
+        );
+        assert!(
+            r.first_bad.is_none(),
+            "{mode}: {} bytes received, byte {} differs from the file ({} zero bytes \
+             that were never in it)",
+            r.received,
+            r.first_bad.unwrap(),
+            r.zeros
+        );
+        assert!(
+            r.received < size,
+            "{mode}: the whole 64 MiB arrived although the file was cut to 100 KiB"
+        );
+        let mut st = connect(srv.addr());
+        let v = wait_stats(&mut st, "the cut reply to be counted", |v| {
+            stat_u64(v, "file_truncated") >= 1
+        });
+        assert_eq!(stat_u64(&v, "file_truncated"), 1, "{v}");
+        echo_roundtrip(&mut st, b"served after the truncation");
+        drop(st);
+        srv.stop_checked(2);
+    }
 }
