@@ -228,6 +228,18 @@ impl Collector for SnapshotCollector {
         )?;
         gauge(
             &mut e,
+            "cport_file_replies",
+            "FILE replies in progress (each holds an open file).",
+            s.file_replies,
+        )?;
+        gauge(
+            &mut e,
+            "cport_file_replies_waiting",
+            "FILE requests waiting for a place under the bound on file replies.",
+            s.file_replies_waiting,
+        )?;
+        gauge(
+            &mut e,
             "cport_outstanding_ops",
             "Operations in flight in the ports.",
             s.outstanding_ops,

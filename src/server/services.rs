@@ -40,14 +40,15 @@ impl Services {
 
     /// FILE: the reply is a frame header announcing the file's size, then
     /// the file itself, sent zero-copy.
-    fn file(&self, ctx: &mut Ctx<'_>, body: &[u8]) {
+    fn file(&self, ctx: &mut Ctx<'_>, f: Frame) {
+        let body = f.body();
         let Some(root) = &self.files else {
             return ctx.send_error(
                 code::NOT_FOUND,
                 "file serving is off (start the server with --files DIR)",
             );
         };
-        let Ok(path) = std::str::from_utf8(body) else {
+        let Ok(path) = std::str::from_utf8(&body) else {
             return ctx.send_error(code::FORBIDDEN, "path is not UTF-8");
         };
         // Refuse what is plainly outside before asking the kernel, which
@@ -60,6 +61,11 @@ impl Services {
                 code::FORBIDDEN,
                 &format!("forbidden path {path:?}: must be relative, without '..'"),
             );
+        }
+        // A place under the server's bound on file replies in progress
+        // (each holds descriptors until sent), or wait for one.
+        if !ctx.reserve_file() {
+            return ctx.defer_until_file_place(f);
         }
         let file = match sys::open_beneath(root, path) {
             Ok(f) => f,
@@ -132,7 +138,7 @@ impl Handler for Services {
             cmd::BROADCAST => {
                 ctx.broadcast(&f.body());
             }
-            cmd::FILE => self.file(ctx, &f.body()),
+            cmd::FILE => self.file(ctx, f),
             cmd::STATS => {
                 let json = serde_json::to_vec(&ctx.engine().stats()).unwrap_or_default();
                 ctx.send_frame(Frame::new(cmd::STATS, &json));

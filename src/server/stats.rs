@@ -642,6 +642,11 @@ pub struct StatsSnapshot {
     pub completions: BTreeMap<String, u64>,
     /// Bytes queued for sending over all connections now.
     pub send_queue_bytes: u64,
+    /// FILE replies in progress now (each holds an open file).
+    pub file_replies: u64,
+    /// FILE requests waiting for a place under the bound on file replies
+    /// in progress (their connections are not read meanwhile).
+    pub file_replies_waiting: u64,
     /// Operations in flight in all ports.
     pub outstanding_ops: u64,
     /// Pooled receive buffers lent out in all ports.

@@ -4,10 +4,11 @@
 //! being sent, which must never fill the promised length with bytes that
 //! were not in the file.
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::util::*;
@@ -310,5 +311,176 @@ fn truncated_file_never_sends_bytes_that_were_not_in_it() {
         echo_roundtrip(&mut st, b"served after the truncation");
         drop(st);
         srv.stop_checked(2);
+    }
+}
+
+fn set_rcvbuf(s: &TcpStream, bytes: libc::c_int) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: setsockopt reads a c_int from our stack on a socket we own.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            &bytes as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "SO_RCVBUF");
+}
+
+fn open_fds(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// 200 clients pipeline 32 FILE requests each for a 2 MiB file and never
+/// read, against a server whose descriptor limit is 1,024, with the default
+/// file-send mode and with `--file-send splice` (a pipe per reply): the
+/// server neither runs out of descriptors (no failed accept) nor stops
+/// answering: 20 fresh clients each get the file, PING and ECHO. Each
+/// non-reading client holds at most one file reply; the replies in
+/// progress are bounded server-wide (`file_replies` never over the bound
+/// the server logs); over the bound, FILE requests wait and the replies
+/// nobody reads are dropped after 3 s so that they do.
+#[test]
+fn unread_file_replies_do_not_exhaust_descriptors() {
+    let dir = FilesDir::new("unread");
+    let content = pattern(33, 2 << 20);
+    std::fs::write(dir.join("big.bin"), &content).unwrap();
+    let limit = 1024;
+    let attackers_n = 200;
+    let honest_n = 20;
+    for mode in ["default", "splice"] {
+        let mut args = vec!["--files", dir.path()];
+        if mode != "default" {
+            args.extend(["--file-send", mode]);
+        }
+        let mut srv = Server::start_with_fd_limit(&args, limit);
+        let addr = srv.addr();
+        let pid = srv.pid();
+        let bound: Option<u64> = srv
+            .stderr_text()
+            .split("max ")
+            .find_map(|t| t.strip_suffix_word("file replies"));
+        let mut reqs = Vec::new();
+        for _ in 0..32 {
+            reqs.extend(encode_frame(CMD_FILE, b"big.bin"));
+        }
+        let base = open_fds(pid);
+        let t0 = Instant::now();
+        let attackers: Vec<TcpStream> = (0..attackers_n)
+            .map(|_| {
+                let mut s = connect(addr);
+                set_rcvbuf(&s, 4096);
+                s.write_all(&reqs).unwrap();
+                s
+            })
+            .collect();
+        // Until the server's descriptor count stops growing (at most 10 s).
+        let mut peak = open_fds(pid);
+        let mut last_change = Instant::now();
+        while last_change.elapsed() < Duration::from_secs(1)
+            && t0.elapsed() < Duration::from_secs(10)
+        {
+            thread::sleep(Duration::from_millis(50));
+            let n = open_fds(pid);
+            if n > peak {
+                peak = n;
+                last_change = Instant::now();
+            }
+        }
+        eprintln!(
+            "[unread] {mode}: {attackers_n} non-reading clients: {peak} descriptors \
+             (limit {limit}) after {:?}",
+            t0.elapsed()
+        );
+        // Fresh honest clients, all at once.
+        let t1 = Instant::now();
+        let honest: Vec<_> = (0..honest_n)
+            .map(|i| {
+                let content = content.clone();
+                thread::spawn(move || {
+                    let mut s = connect(addr);
+                    write_frame(&mut s, CMD_FILE, b"big.bin").unwrap();
+                    let (cmd, body) = read_frame(&mut s)
+                        .unwrap_or_else(|e| panic!("honest client {i}: FILE: {e}"));
+                    assert_eq!(cmd, CMD_FILE, "honest client {i}");
+                    assert_frame_body_eq(&body, &content, "honest FILE");
+                    write_frame(&mut s, CMD_PING, b"ping").unwrap();
+                    let (cmd, _) = read_frame(&mut s)
+                        .unwrap_or_else(|e| panic!("honest client {i}: PING: {e}"));
+                    assert_eq!(cmd, CMD_PONG);
+                    echo_roundtrip(&mut s, format!("honest {i}").as_bytes());
+                    t1.elapsed()
+                })
+            })
+            .collect();
+        let mut slowest = Duration::ZERO;
+        let mut failed = Vec::new();
+        for h in honest {
+            match h.join() {
+                Ok(t) => slowest = slowest.max(t),
+                Err(e) => failed.push(
+                    e.downcast_ref::<String>()
+                        .cloned()
+                        .unwrap_or_else(|| "panic".into()),
+                ),
+            }
+        }
+        let during = open_fds(pid);
+        let mut st = connect(addr);
+        let v = stats(&mut st);
+        eprintln!(
+            "[unread] {mode}: {} of {honest_n} honest clients served (slowest {slowest:?}); \
+             {during} descriptors; bound {bound:?}; STATS file_replies={} waiting={} \
+             accept_errors={} closed={}",
+            honest_n - failed.len(),
+            v["file_replies"],
+            v["file_replies_waiting"],
+            v["accept_errors"],
+            v["closed"]
+        );
+        // What the bound allows: a descriptor per connection (none in
+        // registered-file slots), a descriptor per reply, three when
+        // spliced (file and pipe), beside those the server had before.
+        let cost = if mode == "splice" { 3 } else { 1 };
+        let conns = (attackers_n + honest_n + 1) as u64;
+        let allowed = base as u64 + conns + bound.unwrap_or(0) * cost + 16;
+        assert!(
+            (peak as u64) <= allowed && peak < limit as usize,
+            "{mode}: {peak} descriptors open (limit {limit}, {base} before the attack, \
+             bound on file replies {bound:?}): unread FILE replies pinned descriptors"
+        );
+        assert!(
+            failed.is_empty(),
+            "{mode}: honest clients failed: {failed:?}"
+        );
+        assert_eq!(
+            stat_u64(&v, "accept_errors"),
+            0,
+            "{mode}: accept failed (out of descriptors?): {v}"
+        );
+        let bound = bound.expect("the server logs its bound on file replies");
+        assert!(
+            stat_u64(&v, "file_replies") <= bound,
+            "{mode}: more file replies in progress than the bound {bound}: {v}"
+        );
+        drop(attackers);
+        drop(st);
+        srv.stop_checked_with(libc::SIGTERM, None);
+    }
+}
+
+trait StripWord {
+    fn strip_suffix_word(&self, word: &str) -> Option<u64>;
+}
+
+impl StripWord for str {
+    /// "1024 file replies ..." -> Some(1024) when followed by `word`.
+    fn strip_suffix_word(&self, word: &str) -> Option<u64> {
+        let (n, rest) = self.split_once(' ')?;
+        rest.starts_with(word).then(|| n.parse().ok()).flatten()
     }
 }
