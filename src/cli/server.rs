@@ -169,6 +169,9 @@ pub(crate) fn run(a: ServerArgs) -> anyhow::Result<i32> {
         max_send_queue: a.max_send_queue as usize,
         max_conns: budget.conns,
         max_file_replies: budget.file_replies,
+        // A file reply's progress must be visible for its stall check
+        // (docs/DESIGN.md): at most 512 KiB unsent in each socket.
+        notsent_lowat: a.files.is_some().then_some(512 << 10),
         idle_timeout: (!a.idle_timeout.is_zero()).then_some(a.idle_timeout),
         keepalive: (!a.keepalive.is_zero()).then_some(a.keepalive.max(Duration::from_secs(1))),
         max_queued_total: a.max_queued_total as usize,

@@ -88,6 +88,12 @@ pub struct EngineConfig {
     /// over it waits, its connection not read, until one ends (see
     /// [`Ctx::reserve_file`](crate::server::Ctx::reserve_file)).
     pub max_file_replies: usize,
+    /// Cap on the bytes each connection's socket holds unsent
+    /// (`TCP_NOTSENT_LOWAT` on Linux; `None`: the kernel's send buffer).
+    /// With a cap, a reply to a slow reader shows progress every so many
+    /// bytes the peer takes, instead of not at all while a multi-megabyte
+    /// send buffer drains, so a stalled reply can be told from a slow one.
+    pub notsent_lowat: Option<u32>,
     /// Settings of each port (its `concurrency` is set from the workers).
     pub port: PortConfig,
 }
@@ -109,6 +115,7 @@ impl Default for EngineConfig {
             max_queued_total: 1 << 30,
             file_copy_below: usize::MAX,
             max_file_replies: 1024,
+            notsent_lowat: None,
             port: PortConfig::default(),
         }
     }
@@ -202,6 +209,7 @@ pub(crate) struct Shared {
     pub(crate) file_copy_below: usize,
     /// Most file replies in progress at once (`EngineConfig::max_file_replies`).
     pub(crate) max_file_replies: usize,
+    notsent_lowat: Option<u32>,
     /// File replies in progress (reserved, queued or being sent).
     pub(crate) file_replies: AtomicUsize,
     /// Connections waiting for a file reply place, in arrival order; each
@@ -381,6 +389,7 @@ impl Engine {
             max_queued_total: cfg.max_queued_total,
             file_copy_below: cfg.file_copy_below,
             max_file_replies: cfg.max_file_replies.max(1),
+            notsent_lowat: cfg.notsent_lowat,
             file_replies: AtomicUsize::new(0),
             file_waiters: Mutex::new(VecDeque::new()),
             queued_total: AtomicUsize::new(0),
@@ -941,6 +950,9 @@ impl Shared {
         let _ = socket.set_tcp_nodelay(true);
         if let Some(idle) = self.keepalive {
             let _ = crate::port::sys::set_keepalive(&socket, idle);
+        }
+        if let Some(bytes) = self.notsent_lowat {
+            let _ = crate::port::sys::set_notsent_lowat(&socket, bytes);
         }
         self.ports[p].port.associate(&socket)?;
         let peer = socket.peer_addr().ok().and_then(|a| a.as_socket());

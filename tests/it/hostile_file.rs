@@ -467,7 +467,17 @@ fn unread_file_replies_do_not_exhaust_descriptors() {
             stat_u64(&v, "file_replies") <= bound,
             "{mode}: more file replies in progress than the bound {bound}: {v}"
         );
+        // Once the attackers are gone, every place is free again (none
+        // leaked), and FILE is served at once.
         drop(attackers);
+        wait_stats(&mut st, "every file reply place to be free", |v| {
+            stat_u64(v, "file_replies") == 0 && stat_u64(v, "file_replies_waiting") == 0
+        });
+        write_frame(&mut st, CMD_FILE, b"big.bin").unwrap();
+        let (cmd, body) =
+            read_frame_timeout(&mut st, Duration::from_secs(10)).expect("FILE after the attack");
+        assert_eq!(cmd, CMD_FILE);
+        assert_frame_body_eq(&body, &content, "FILE after the attack");
         drop(st);
         srv.stop_checked_with(libc::SIGTERM, None);
     }
@@ -483,4 +493,127 @@ impl StripWord for str {
         let (n, rest) = self.split_once(' ')?;
         rest.starts_with(word).then(|| n.parse().ok()).flatten()
     }
+}
+
+/// Over `--max-file-replies`, a FILE request waits (no ERROR, its
+/// connection not read) and is answered as soon as a place frees; others
+/// are served meanwhile.
+#[test]
+fn file_request_over_the_bound_waits_for_a_place() {
+    let dir = FilesDir::new("bound");
+    // Larger than what the socket buffers take: the reply holds its place
+    // until the client reads.
+    let big = pattern(41, 32 << 20);
+    std::fs::write(dir.join("big.bin"), &big).unwrap();
+    std::fs::write(dir.join("small.txt"), b"small").unwrap();
+    let mut srv = Server::start(&["--files", dir.path(), "--max-file-replies", "1"]);
+    let addr = srv.addr();
+    // A takes the only place with a reply it does not read yet.
+    let mut a = connect(addr);
+    write_frame(&mut a, CMD_FILE, b"big.bin").unwrap();
+    let mut st = connect(addr);
+    wait_stats(&mut st, "A's reply to hold the place", |v| {
+        stat_u64(v, "file_replies") == 1
+    });
+    // B waits for it.
+    let mut b = connect(addr);
+    write_frame(&mut b, CMD_FILE, b"small.txt").unwrap();
+    wait_stats(&mut st, "B to wait for a place", |v| {
+        stat_u64(v, "file_replies_waiting") == 1
+    });
+    assert!(
+        read_frame_timeout(&mut b, Duration::from_millis(300)).is_err(),
+        "B was answered while the only place was taken"
+    );
+    echo_roundtrip(&mut st, b"others are served meanwhile");
+    // A reads its reply: the place frees and B is answered. (On a slow
+    // machine A may have been stalled for the 3 s after which a reply
+    // nobody reads is dropped while others wait: then A's reply is cut
+    // short, never wrong, and B is answered all the same.)
+    let mut h = [0u8; HEADER_LEN];
+    a.read_exact(&mut h).unwrap();
+    let mut got = Vec::with_capacity(big.len());
+    let mut buf = vec![0u8; 1 << 16];
+    while got.len() < big.len() {
+        match a.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if is_closed_error(&e) => break,
+            Err(e) => panic!("reading A's file: {e}"),
+        }
+    }
+    assert_frame_body_eq(&got, &big[..got.len()], "A's file");
+    let (cmd, body) = read_frame_timeout(&mut b, Duration::from_secs(10)).expect("B's file");
+    assert_eq!((cmd, &body[..]), (CMD_FILE, &b"small"[..]));
+    echo_roundtrip(&mut b, b"B after its file");
+    let v = stats(&mut st);
+    eprintln!(
+        "[bound] A received {} of {} bytes; closed {}",
+        got.len(),
+        big.len(),
+        v["closed"]
+    );
+    if got.len() < big.len() {
+        assert_eq!(stat_u64(&v["closed"], "slow_consumer"), 1, "{v}");
+    }
+    assert_eq!(stat_u64(&v, "file_replies"), 0, "{v}");
+    assert_eq!(stat_u64(&v, "errors_sent"), 0, "no ERROR for a wait: {v}");
+    drop((a, b, st));
+    srv.stop_checked(3);
+}
+
+/// A client that reads its file slowly (16 KiB every 50 ms for 5 s, slower
+/// than a 1 MiB chunk in 3 s) keeps its place while another FILE request
+/// waits: only replies that make no progress are dropped. The waiting
+/// request is answered once the slow reply is done.
+#[test]
+fn slow_reader_keeps_its_file_place_while_others_wait() {
+    let dir = FilesDir::new("slow");
+    let big = pattern(43, 24 << 20);
+    std::fs::write(dir.join("big.bin"), &big).unwrap();
+    std::fs::write(dir.join("small.txt"), b"small").unwrap();
+    let mut srv = Server::start(&["--files", dir.path(), "--max-file-replies", "1"]);
+    let addr = srv.addr();
+    let mut a = connect(addr);
+    set_rcvbuf(&a, 16 << 10);
+    write_frame(&mut a, CMD_FILE, b"big.bin").unwrap();
+    let mut st = connect(addr);
+    wait_stats(&mut st, "A's reply to hold the place", |v| {
+        stat_u64(v, "file_replies") == 1
+    });
+    let mut b = connect(addr);
+    write_frame(&mut b, CMD_FILE, b"small.txt").unwrap();
+    wait_stats(&mut st, "B to wait for a place", |v| {
+        stat_u64(v, "file_replies_waiting") == 1
+    });
+    let t0 = Instant::now();
+    let mut h = [0u8; HEADER_LEN];
+    a.read_exact(&mut h).unwrap();
+    let mut got = Vec::with_capacity(big.len());
+    let mut buf = vec![0u8; 16 << 10];
+    while got.len() < big.len() && t0.elapsed() < Duration::from_secs(30) {
+        let slow = t0.elapsed() < Duration::from_secs(5);
+        if !slow && buf.len() < 1 << 20 {
+            buf.resize(1 << 20, 0);
+        }
+        let want = (big.len() - got.len()).min(buf.len());
+        match a.read(&mut buf[..want]) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if is_closed_error(&e) => break,
+            Err(e) => panic!("reading A's file: {e}"),
+        }
+        if slow {
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let took = t0.elapsed();
+    eprintln!("[slow] A read {} bytes in {took:?}", got.len());
+    assert_frame_body_eq(&got, &big, "the slow reader's file (dropped?)");
+    let (cmd, body) = read_frame_timeout(&mut b, Duration::from_secs(10)).expect("B's file");
+    assert_eq!((cmd, &body[..]), (CMD_FILE, &b"small"[..]));
+    let v = stats(&mut st);
+    assert_eq!(stat_u64(&v["closed"], "slow_consumer"), 0, "{v}");
+    drop((a, b, st));
+    srv.stop_checked(3);
 }

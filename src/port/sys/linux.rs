@@ -176,6 +176,31 @@ pub fn raise_fd_limit() -> Option<u64> {
     fd_limit()
 }
 
+/// Caps what a TCP socket holds queued but not yet sent at `bytes`
+/// (`TCP_NOTSENT_LOWAT`): a send waits (and the socket is not writable)
+/// while more is unsent, so the sender sees its peer's progress every
+/// `bytes` instead of after a whole send buffer, and holds the rest in its
+/// own queue. Bytes in flight are not limited.
+pub fn set_notsent_lowat(socket: &socket2::Socket, bytes: u32) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let v = bytes.min(i32::MAX as u32) as libc::c_int;
+    // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from a live
+    // c_int on our stack; the descriptor is owned by `socket`.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_NOTSENT_LOWAT,
+            &v as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Turns on TCP keepalive (first probe after `idle`, then every `idle / 3`
 /// (at least 1 s), 3 probes) and sets TCP_USER_TIMEOUT to the same total,
 /// so a peer that vanished is reaped even while data is unacknowledged.

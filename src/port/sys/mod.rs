@@ -75,7 +75,7 @@ mod linux;
 pub use linux::{
     ProcessUsage, accept_queue_len, ephemeral_port_range, errno, fd_hard_limit, fd_limit,
     is_escape, is_loop, open_beneath, open_dir, process_cpu_rss_of, process_usage,
-    process_usage_of, raise_fd_limit, set_bind_address_no_port, set_keepalive,
+    process_usage_of, raise_fd_limit, set_bind_address_no_port, set_keepalive, set_notsent_lowat,
 };
 #[cfg(target_os = "linux")]
 use linux::{map_pages, unmap_pages};
@@ -124,7 +124,7 @@ mod pool;
 pub use windows::{
     ProcessUsage, accept_queue_len, ephemeral_port_range, errno, fd_hard_limit, fd_limit,
     is_escape, is_loop, open_beneath, open_dir, process_cpu_rss_of, process_usage,
-    process_usage_of, raise_fd_limit, set_bind_address_no_port, set_keepalive,
+    process_usage_of, raise_fd_limit, set_bind_address_no_port, set_keepalive, set_notsent_lowat,
 };
 
 use std::collections::VecDeque;

@@ -202,6 +202,11 @@ pub(super) unsafe fn unmap_pages(mem: *mut u8, _len: usize) {
     unsafe { VirtualFree(mem.cast(), 0, MEM_RELEASE) };
 }
 
+/// `TCP_NOTSENT_LOWAT` has no Windows counterpart: nothing to set.
+pub fn set_notsent_lowat(_socket: &socket2::Socket, _bytes: u32) -> io::Result<()> {
+    Ok(())
+}
+
 /// Opens a directory to serve files beneath. A directory opens on Windows
 /// only with `FILE_FLAG_BACKUP_SEMANTICS`.
 pub fn open_dir(path: &Path) -> io::Result<File> {
