@@ -39,7 +39,9 @@ impl Services {
     }
 
     /// FILE: the reply is a frame header announcing the file's size, then
-    /// the file itself, sent zero-copy.
+    /// the file itself (read and sent, or zero-copy: see
+    /// `EngineConfig::file_copy_below`). Only regular files are opened; a
+    /// request waits while the server's file reply places are all taken.
     fn file(&self, ctx: &mut Ctx<'_>, f: Frame) {
         let body = f.body();
         let Some(root) = &self.files else {
@@ -101,7 +103,7 @@ impl Services {
                     Some(sys::errno::EMFILE) | Some(sys::errno::ENFILE)
                 ) =>
             {
-                tracing::warn!("FILE {path:?}: {e}");
+                tracing::debug!("FILE {path:?}: {e}");
                 return ctx.send_error(
                     code::BUSY,
                     &format!("server busy: cannot open {path:?} now ({e})"),
