@@ -207,6 +207,12 @@ impl Collector for SnapshotCollector {
             "Completions for connections already gone (dropped).",
             s.late_completions,
         )?;
+        counter(
+            &mut e,
+            "cport_file_truncated",
+            "FILE replies cut short because the file shrank while being sent.",
+            s.file_truncated,
+        )?;
         counters(
             &mut e,
             "cport_completions",
@@ -219,6 +225,18 @@ impl Collector for SnapshotCollector {
             "cport_send_queue_bytes",
             "Bytes queued for sending over all connections.",
             s.send_queue_bytes,
+        )?;
+        gauge(
+            &mut e,
+            "cport_file_replies",
+            "FILE replies in progress (each holds an open file).",
+            s.file_replies,
+        )?;
+        gauge(
+            &mut e,
+            "cport_file_replies_waiting",
+            "FILE requests waiting for a place under the bound on file replies.",
+            s.file_replies_waiting,
         )?;
         gauge(
             &mut e,

@@ -32,11 +32,13 @@ pub(crate) enum OnOff {
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub(crate) enum FileSendArg {
-    /// Copy small files, splice large ones.
+    /// Copy small files, splice large ones (zero-copy: see splice).
     Auto,
-    /// Always zero-copy.
+    /// Always zero-copy; a file truncated while being sent can then
+    /// deliver zeros to the client, so only for files replaced by rename.
     Splice,
-    /// Always read into memory and send.
+    /// Always read into memory and send: a truncated file ends its reply
+    /// with a close, never with bytes that were not in it.
     Copy,
 }
 
@@ -58,7 +60,9 @@ pub(crate) struct ServerArgs {
     /// Completion backend.
     #[arg(long, value_enum, default_value_t = BackendArg::Auto)]
     backend: BackendArg,
-    /// Connection limit; over it new connections get ERROR 5 [default: descriptor limit minus 64].
+    /// Connection limit; over it new connections get ERROR 5 [default: the
+    /// descriptor limit minus a reserve and, with --files, the descriptors
+    /// of --max-file-replies; plus the registered-file slots].
     #[arg(long, value_name = "N")]
     max_conns: Option<usize>,
     /// Largest frame body accepted (e.g. 65536, 64KiB, 1MiB).
@@ -82,8 +86,15 @@ pub(crate) struct ServerArgs {
     /// Serve files beneath this directory with the FILE command.
     #[arg(long, value_name = "DIR")]
     files: Option<std::path::PathBuf>,
-    /// How FILE sends: zero-copy (splice), copy (read + send), or auto (copy below 1 MiB).
-    #[arg(long, value_enum, default_value_t = FileSendArg::Auto)]
+    /// FILE replies in progress at once over all connections (each holds an
+    /// open file, and a pipe while spliced); over it a FILE request waits,
+    /// its connection not read, until one ends [default: a quarter of the
+    /// descriptor limit's room, at most 1024].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    max_file_replies: Option<u64>,
+    /// How FILE sends: copy (read + send), zero-copy (splice: only for files
+    /// never truncated while served), or auto (copy below 1 MiB, else splice).
+    #[arg(long, value_enum, default_value_t = FileSendArg::Copy)]
     file_send: FileSendArg,
     /// Hold accepted connections in io_uring's registered-file table (direct
     /// descriptors), so the server holds more connections than its
@@ -140,6 +151,13 @@ pub(crate) fn run(a: ServerArgs) -> anyhow::Result<i32> {
         cport::admin::check_addr(addr, a.admin_public).map_err(|e| admin_error(addr, e))?;
     }
     let fd_limit = sys::raise_fd_limit().unwrap_or(1024);
+    let budget = FdBudget::new(
+        fd_limit,
+        a.files.is_some(),
+        matches!(a.file_send, FileSendArg::Copy),
+        a.max_conns,
+        a.max_file_replies,
+    );
     let mut cfg = EngineConfig {
         workers,
         ports,
@@ -149,7 +167,11 @@ pub(crate) fn run(a: ServerArgs) -> anyhow::Result<i32> {
         },
         max_frame: a.max_frame as u32,
         max_send_queue: a.max_send_queue as usize,
-        max_conns: a.max_conns.unwrap_or(default_max_conns(fd_limit)),
+        max_conns: budget.conns,
+        max_file_replies: budget.file_replies,
+        // A file reply's progress must be visible for its stall check
+        // (docs/DESIGN.md): at most 512 KiB unsent in each socket.
+        notsent_lowat: a.files.is_some().then_some(512 << 10),
         idle_timeout: (!a.idle_timeout.is_zero()).then_some(a.idle_timeout),
         keepalive: (!a.keepalive.is_zero()).then_some(a.keepalive.max(Duration::from_secs(1))),
         max_queued_total: a.max_queued_total as usize,
@@ -194,7 +216,7 @@ pub(crate) fn run(a: ServerArgs) -> anyhow::Result<i32> {
         .with_context(|| super::start_failure(backend))?;
     let max_conns = match a.max_conns {
         Some(n) => n,
-        None => default_max_conns(fd_limit) + engine.direct_capacity(),
+        None => budget.conns + engine.direct_capacity(),
     };
     engine.set_max_conns(max_conns);
     for addr in &a.listen {
@@ -204,13 +226,18 @@ pub(crate) fn run(a: ServerArgs) -> anyhow::Result<i32> {
             )
         })?;
         tracing::info!(
-            "listening on {bound} ({}, backend {}, {} port(s) x {} worker(s), max {} connections, {} in registered-file slots)",
+            "listening on {bound} ({}, backend {}, {} port(s) x {} worker(s), max {} connections, {} in registered-file slots{})",
             cfg.protocol.name(),
             engine.backend(),
             ports,
             workers,
             max_conns,
-            engine.direct_capacity()
+            engine.direct_capacity(),
+            if a.files.is_some() {
+                format!(", max {} file replies in progress", budget.file_replies)
+            } else {
+                String::new()
+            }
         );
     }
 
@@ -264,10 +291,52 @@ fn admin_error(addr: SocketAddr, e: AdminError) -> anyhow::Error {
     }
 }
 
-/// What the descriptor limit allows, minus a reserve for listeners, the
-/// ports and files (64, or a quarter of a small limit).
-fn default_max_conns(fd_limit: u64) -> usize {
-    fd_limit.saturating_sub(64.min(fd_limit / 4)).max(1) as usize
+/// How the descriptor limit is shared between connections and FILE
+/// replies, so that neither can make the other's `accept` or `open` fail
+/// with EMFILE.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FdBudget {
+    /// Connections holding an ordinary descriptor (`--max-conns` before
+    /// the registered-file slots are added).
+    conns: usize,
+    /// FILE replies in progress at once (`--max-file-replies`).
+    file_replies: usize,
+}
+
+impl FdBudget {
+    /// A reserve for listeners, the ports and the files directory (64, or
+    /// a quarter of a small limit) comes off first. Without `--files`,
+    /// connections get the rest. With it, a file reply costs one
+    /// descriptor when copied and three when spliced (file and pipe); file
+    /// replies get a quarter of the rest, at most 1024 (each copied reply
+    /// in flight also holds a buffer of up to 1 MiB), and connections what
+    /// remains. An explicit `--max-conns` leaves file replies what it does
+    /// not take (at least 16).
+    fn new(
+        fd_limit: u64,
+        files: bool,
+        copy: bool,
+        max_conns: Option<usize>,
+        max_file_replies: Option<u64>,
+    ) -> FdBudget {
+        let room = fd_limit.saturating_sub(64.min(fd_limit / 4)).max(1);
+        let cost = if copy { 1 } else { 3 };
+        let file_replies = match (max_file_replies, max_conns, files) {
+            (Some(n), _, _) => n,
+            (None, _, false) => 1024,
+            (None, None, true) => (room / 4 / cost).clamp(1, 1024),
+            (None, Some(c), true) => (room.saturating_sub(c as u64) / cost).clamp(16, 1024),
+        };
+        let conns = match max_conns {
+            Some(c) => c as u64,
+            None if files => room.saturating_sub(file_replies * cost).max(1),
+            None => room,
+        };
+        FdBudget {
+            conns: conns as usize,
+            file_replies: file_replies as usize,
+        }
+    }
 }
 
 fn log_rates(a: &(Instant, StatsSnapshot), b: &(Instant, StatsSnapshot)) {
@@ -287,4 +356,41 @@ fn log_rates(a: &(Instant, StatsSnapshot), b: &(Instant, StatsSnapshot)) {
         cpu,
         b.1.rss_bytes.unwrap_or(0) as f64 / (1 << 20) as f64,
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::FdBudget;
+
+    #[test]
+    fn file_replies_and_connections_share_the_descriptor_limit() {
+        // Without --files, connections take all but the reserve.
+        let b = FdBudget::new(1024, false, true, None, None);
+        assert_eq!(b.conns, 960);
+        // Copy: a reply costs a descriptor; a quarter of the room.
+        let b = FdBudget::new(1024, true, true, None, None);
+        assert_eq!((b.conns, b.file_replies), (720, 240));
+        // Splice: three descriptors a reply.
+        let b = FdBudget::new(1024, true, false, None, None);
+        assert_eq!((b.conns, b.file_replies), (720, 80));
+        // At most 1024 replies at a large limit.
+        let b = FdBudget::new(20_000, true, true, None, None);
+        assert_eq!((b.conns, b.file_replies), (19_936 - 1024, 1024));
+        for limit in [64, 256, 1024, 4096, 20_000, 1 << 20] {
+            for copy in [true, false] {
+                let b = FdBudget::new(limit, true, copy, None, None);
+                let cost = if copy { 1 } else { 3 };
+                assert!(
+                    b.conns as u64 + b.file_replies as u64 * cost <= limit,
+                    "{limit} {copy}: {b:?}"
+                );
+                assert!(b.conns >= 1 && b.file_replies >= 1, "{b:?}");
+            }
+        }
+        // Explicit values are kept.
+        let b = FdBudget::new(1024, true, true, Some(100), None);
+        assert_eq!((b.conns, b.file_replies), (100, 860));
+        let b = FdBudget::new(1024, true, true, None, Some(7));
+        assert_eq!((b.conns, b.file_replies), (953, 7));
+    }
 }

@@ -22,7 +22,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
-use crate::frame::{self, Decoder};
+use crate::frame::{self, Decoder, Frame};
 use crate::op::{MAX_SEND_BUFS, Op, OpId, Sock};
 use crate::server::engine::{Protocol, Shared, TimerKey};
 use crate::server::handler::{CloseInfo, Ctx};
@@ -39,18 +39,22 @@ const RECV_RETRY_TIMER: u64 = u64::MAX - 2;
 const IDLE_TIMER: u64 = u64::MAX - 3;
 /// Internal timer: a closing connection took too long to flush.
 const FLUSH_TIMER: u64 = u64::MAX - 4;
+/// Internal timer: check whether a file reply has stalled.
+const FILE_STALL_TIMER: u64 = u64::MAX - 5;
+/// A file reply that made no progress for this long (its client does not
+/// read) is dropped when other requests wait for a file reply place, so
+/// clients that never read cannot keep every place, and FILE, from the
+/// others.
+const FILE_STALL: Duration = Duration::from_secs(3);
 /// Posted value: the connection's inbox has something.
 pub(crate) const INBOX_POST: u64 = u64::MAX;
 /// Posted value: close the connection (from `EngineRef::close`).
 pub(crate) const CLOSE_POST: u64 = u64::MAX - 1;
+/// Posted value: a file reply place was freed for this waiting connection.
+pub(crate) const FILE_WAKE_POST: u64 = u64::MAX - 2;
 /// A broadcast recipient with more than this queued is dropped when the
 /// engine is over its total queue cap.
 const BACKLOG_WHEN_OVER_CAP: usize = 64 * 1024;
-
-/// File replies a connection may have queued (each holds an open file)
-/// before it stops being read: a client pipelining FILE requests without
-/// reading cannot make the server hold thousands of descriptors.
-const MAX_FILES_QUEUED: usize = 16;
 
 /// Most bytes one gathered send carries.
 const MAX_SEND_BYTES: usize = 1 << 20;
@@ -119,8 +123,23 @@ pub(crate) struct ConnState {
     sendq: VecDeque<Chunk>,
     /// The file segment of the send in flight, when it is a file send.
     file_inflight: Option<(Arc<File>, u64, usize)>,
-    /// File replies queued or in flight (each holds an open file).
+    /// File replies queued or in flight (each holds an open file and a
+    /// place under `Shared::max_file_replies`). At most one: a connection
+    /// with a file reply in progress is not read until it is sent, so a
+    /// client pipelining FILE requests without reading holds one file.
     files_queued: usize,
+    /// A file reply place taken by the frame being handled
+    /// (`Ctx::reserve_file`) and not yet used by `enqueue_file`.
+    pub(crate) file_reserved: bool,
+    /// A frame handed back to wait for a file reply place
+    /// (`Ctx::defer_until_file_place`), handled again before any later one.
+    pub(crate) deferred: Option<Frame>,
+    /// Waiting in `Shared::file_waiters` (or woken and not yet retried).
+    pub(crate) file_wait: bool,
+    /// When the file reply in progress last moved (started or sent bytes).
+    file_progress: Instant,
+    /// The file-stall check is armed.
+    file_stall_armed: bool,
     pub(crate) queued: usize,
     pub(crate) send_op: Option<OpId>,
     /// The multishot receive, armed until it ends (EOF, error, empty pool
@@ -162,6 +181,11 @@ impl ConnState {
             sendq: VecDeque::new(),
             file_inflight: None,
             files_queued: 0,
+            file_reserved: false,
+            deferred: None,
+            file_wait: false,
+            file_progress: Instant::now(),
+            file_stall_armed: false,
             queued: 0,
             send_op: None,
             recv_op: None,
@@ -202,17 +226,36 @@ impl ConnState {
     /// Queues `len` bytes of `file` from `offset`, sent zero-copy after
     /// everything queued before. File bytes take no memory, so they do not
     /// count toward the queue limits.
-    pub(crate) fn enqueue_file(&mut self, file: Arc<File>, offset: u64, len: usize) {
+    pub(crate) fn enqueue_file(
+        &mut self,
+        shared: &Shared,
+        file: Arc<File>,
+        offset: u64,
+        len: usize,
+    ) {
         if self.closing.is_some() && !self.draining || len == 0 {
             return;
         }
+        if !std::mem::take(&mut self.file_reserved) {
+            // Not reserved by the handler: counted all the same.
+            shared.file_replies.fetch_add(1, Ordering::AcqRel);
+        }
         self.files_queued += 1;
+        self.file_progress = Instant::now();
         self.sendq.push_back(Chunk::File { file, offset, len });
     }
 
-    /// Whether the connection must stop taking requests until it drains.
+    /// A file reply ended (sent, failed or dropped): its place is free.
+    fn file_done(&mut self, shared: &Shared) {
+        self.files_queued -= 1;
+        shared.release_file_place();
+    }
+
+    /// Whether the connection must stop taking requests until it drains:
+    /// its send queue is over the limit, a file reply is in progress, or a
+    /// request waits for a file reply place.
     fn must_hold(&self, shared: &Shared) -> bool {
-        self.queued > shared.max_send_queue || self.files_queued >= MAX_FILES_QUEUED
+        self.queued > shared.max_send_queue || self.files_queued > 0 || self.file_wait
     }
 
     /// Forgets `n` queued bytes that will never be sent (or were sent).
@@ -252,11 +295,15 @@ impl ConnState {
         self.draining = false;
         self.linger = false;
         let mut dropped = 0;
+        let mut files = 0;
         for c in self.sendq.drain(..) {
             dropped += c.memory();
             if let Chunk::File { .. } = c {
-                self.files_queued -= 1;
+                files += 1;
             }
+        }
+        for _ in 0..files {
+            self.file_done(shared);
         }
         self.unqueue(shared, dropped);
     }
@@ -307,22 +354,27 @@ pub(crate) fn on_received(shared: &Shared, conn: &Conn, st: &mut ConnState, data
 
 /// Handles the complete frames in the decoder, in order, until it holds no
 /// complete frame, the connection closes, or it must hold back: its send
-/// queue is over the limit or it has `MAX_FILES_QUEUED` file replies
-/// waiting (each holds an open file). Frames left in the decoder are
-/// handled by `progress` once the connection drains. Returns the number
-/// handled.
+/// queue is over the limit, a file reply is in progress (each holds an
+/// open file) or a request waits for a file reply place. Frames left in
+/// the decoder are handled by `progress` once the connection drains. A
+/// frame deferred for a file reply place comes before them. Returns the
+/// number handled.
 fn decode_frames(shared: &Shared, conn: &Conn, st: &mut ConnState) -> usize {
     let mut n = 0;
     loop {
         if st.closing.is_some() || st.must_hold(shared) {
             return n;
         }
+        if let Some(f) = st.deferred.take() {
+            n += 1;
+            handle_frame(shared, conn, st, f);
+            continue;
+        }
         match st.decoder.decode() {
             Ok(Some(f)) => {
                 n += 1;
                 shared.stats.frame_in(f.cmd(), f.body_len());
-                let h = shared.handler.clone();
-                h.on_frame(&mut Ctx { conn, st, shared }, f);
+                handle_frame(shared, conn, st, f);
             }
             Ok(None) => return n,
             Err(e) => {
@@ -332,6 +384,33 @@ fn decode_frames(shared: &Shared, conn: &Conn, st: &mut ConnState) -> usize {
                 return n;
             }
         }
+    }
+}
+
+/// Runs the handler on one frame; a file reply place it reserved and did
+/// not use goes back.
+fn handle_frame(shared: &Shared, conn: &Conn, st: &mut ConnState, f: Frame) {
+    let h = shared.handler.clone();
+    h.on_frame(&mut Ctx { conn, st, shared }, f);
+    if std::mem::take(&mut st.file_reserved) {
+        shared.release_file_place();
+    }
+}
+
+/// A file reply place was freed and this connection was first in line.
+pub(crate) fn on_file_wake(shared: &Shared, st: &mut ConnState) {
+    if st.file_wait
+        && st.deferred.is_some()
+        && st.closing.is_none()
+        && st.queued <= shared.max_send_queue / 2
+    {
+        // `progress` lets the deferred frame be handled again; if the place
+        // is gone by then, it waits in line again.
+        st.file_wait = false;
+    } else {
+        // Nothing to retry here: pass the place on.
+        st.file_wait = false;
+        shared.wake_file_waiter();
     }
 }
 
@@ -399,12 +478,19 @@ pub(crate) fn progress(shared: &Shared, conn: &Conn, st: &mut ConnState) {
     let limit = shared.max_send_queue;
     if !st.paused && st.must_hold(shared) {
         st.paused = true;
-    } else if st.paused && st.queued <= limit / 2 && st.files_queued < MAX_FILES_QUEUED / 2 {
+    } else if st.paused && !st.must_hold(shared) && st.queued <= limit / 2 {
         st.paused = false;
         // Requests that arrived before the pause come first.
         if shared.protocol == Protocol::Framed && decode_frames(shared, conn, st) > 0 {
             return progress(shared, conn, st);
         }
+    }
+    if st.files_queued > 0 && !st.file_stall_armed && st.closing.is_none() {
+        st.file_stall_armed = true;
+        let after = FILE_STALL
+            .saturating_sub(st.file_progress.elapsed())
+            .max(Duration::from_millis(100));
+        let _ = st.set_timer(conn, shared, after, FILE_STALL_TIMER);
     }
     let over_cap =
         st.queued > 0 && shared.queued_total.load(Ordering::Relaxed) > shared.max_queued_total;
@@ -552,7 +638,22 @@ fn finalize(shared: &Shared, conn: &Conn, st: &mut ConnState) {
         bytes_in: st.bytes_in,
         bytes_out: st.bytes_out,
     };
-    st.sendq.clear();
+    let files = st
+        .sendq
+        .drain(..)
+        .filter(|c| matches!(c, Chunk::File { .. }))
+        .count();
+    for _ in 0..files {
+        st.file_done(shared);
+    }
+    if std::mem::take(&mut st.file_reserved) {
+        shared.release_file_place();
+    }
+    // A connection that waited for a file reply place, or was woken for
+    // one it will not use now, must not take the wake-up with it.
+    if st.deferred.take().is_some() && !shared.forget_file_waiter(conn.id) {
+        shared.wake_file_waiter();
+    }
     let left = st.queued;
     st.unqueue(shared, left);
     let user = st.user.take();
@@ -609,27 +710,45 @@ pub(crate) fn on_sent(
 }
 
 /// A file send completed with `result`.
-pub(crate) fn on_sent_file(shared: &Shared, st: &mut ConnState, result: io::Result<usize>) {
+pub(crate) fn on_sent_file(
+    shared: &Shared,
+    conn: &Conn,
+    st: &mut ConnState,
+    result: io::Result<usize>,
+) {
     st.send_op = None;
     let Some((file, offset, len)) = st.file_inflight.take() else {
         return;
     };
     match result {
         Ok(0) if len > 0 => {
-            st.files_queued -= 1;
+            st.file_done(shared);
             // The file shrank under us: the frame header promised bytes we
-            // cannot send, so the stream cannot be continued.
+            // cannot send, so the stream cannot be continued. Everything
+            // sent was read from the file; the peer sees the reply cut
+            // short by the close, never padded.
+            shared.stats.file_truncated();
+            tracing::debug!(
+                conn = %conn.id,
+                peer = ?conn.peer,
+                offset,
+                missing = len,
+                "file shrank while being sent; closing the connection"
+            );
             st.close(
                 shared,
                 CloseReason::Error,
                 CloseMode::Abort,
-                Some("file shrank while being sent".into()),
+                Some(format!(
+                    "file shrank while being sent ({len} bytes short at offset {offset})"
+                )),
             );
         }
         Ok(n) => {
             st.bytes_out += n as u64;
             shared.stats.bytes_out(n);
             st.last_activity = Instant::now();
+            st.file_progress = st.last_activity;
             if n < len && !st.shut && (st.closing.is_none() || st.draining) {
                 st.sendq.push_front(Chunk::File {
                     file,
@@ -638,10 +757,10 @@ pub(crate) fn on_sent_file(shared: &Shared, st: &mut ConnState, result: io::Resu
                 });
                 return; // the same file reply, still queued
             }
-            st.files_queued -= 1;
+            st.file_done(shared);
         }
         Err(e) => {
-            st.files_queued -= 1;
+            st.file_done(shared);
             let reason = CloseReason::from_error(&e);
             st.close(shared, reason, CloseMode::Abort, Some(e.to_string()));
         }
@@ -755,6 +874,30 @@ pub(crate) fn on_internal_timer(shared: &Shared, conn: &Conn, st: &mut ConnState
         }
         RECV_RETRY_TIMER => {
             st.retry_wait = false;
+        }
+        FILE_STALL_TIMER => {
+            st.file_stall_armed = false;
+            // `progress` re-arms it while a file reply is in progress.
+            if st.files_queued > 0
+                && st.closing.is_none()
+                && st.file_progress.elapsed() >= FILE_STALL
+                && shared.file_waiting()
+            {
+                tracing::debug!(
+                    conn = %conn.id,
+                    peer = ?conn.peer,
+                    "file reply not read for {FILE_STALL:?} while FILE requests wait; dropping"
+                );
+                st.close(
+                    shared,
+                    CloseReason::SlowConsumer,
+                    CloseMode::Abort,
+                    Some(format!(
+                        "file reply not read for {}s while other FILE requests waited",
+                        FILE_STALL.as_secs()
+                    )),
+                );
+            }
         }
         FLUSH_TIMER if st.draining || st.linger => {
             tracing::debug!(conn = %conn.id, "flush timed out; aborting");

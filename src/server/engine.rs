@@ -6,7 +6,7 @@
 //! the connection id), so with one port per worker nothing is shared between
 //! workers but the counters.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
@@ -21,7 +21,7 @@ use crate::frame;
 use crate::op::{Completion, Op, OpId, Outcome};
 use crate::port::{CompletionPort, PortConfig};
 use crate::server::conn::{
-    self, CLOSE_POST, CloseMode, Conn, ConnState, INBOX_POST, INTERNAL_TIMER,
+    self, CLOSE_POST, CloseMode, Conn, ConnState, FILE_WAKE_POST, INBOX_POST, INTERNAL_TIMER,
 };
 use crate::server::handler::{Ctx, Handler};
 use crate::server::stats::{self, CloseReason, Observer, Stats, StatsSnapshot};
@@ -76,8 +76,24 @@ pub struct EngineConfig {
     /// recipients with a backlog are dropped as slow consumers.
     pub max_queued_total: usize,
     /// File segments shorter than this are read into memory and sent; longer
-    /// ones are sent zero-copy (0: always zero-copy; `usize::MAX`: never).
+    /// ones are sent zero-copy (0: always zero-copy; `usize::MAX`, the
+    /// default: never). Zero-copy hands the socket references to the
+    /// file's page cache: if the file is truncated while they are queued,
+    /// the kernel zeroes them in place and the peer receives zeros that were
+    /// never in the file (docs/DESIGN.md, "A file truncated while it is
+    /// sent"). Only for files that are replaced by rename, never truncated.
     pub file_copy_below: usize,
+    /// File replies (each an open file, and a pipe while it is spliced)
+    /// that may be in progress at once over all connections; a FILE request
+    /// over it waits, its connection not read, until one ends (see
+    /// [`Ctx::reserve_file`](crate::server::Ctx::reserve_file)).
+    pub max_file_replies: usize,
+    /// Cap on the bytes each connection's socket holds unsent
+    /// (`TCP_NOTSENT_LOWAT` on Linux; `None`: the kernel's send buffer).
+    /// With a cap, a reply to a slow reader shows progress every so many
+    /// bytes the peer takes, instead of not at all while a multi-megabyte
+    /// send buffer drains, so a stalled reply can be told from a slow one.
+    pub notsent_lowat: Option<u32>,
     /// Settings of each port (its `concurrency` is set from the workers).
     pub port: PortConfig,
 }
@@ -97,7 +113,9 @@ impl Default for EngineConfig {
             idle_timeout: Some(Duration::from_secs(60)),
             keepalive: Some(Duration::from_secs(30)),
             max_queued_total: 1 << 30,
-            file_copy_below: DEFAULT_FILE_COPY_BELOW,
+            file_copy_below: usize::MAX,
+            max_file_replies: 1024,
+            notsent_lowat: None,
             port: PortConfig::default(),
         }
     }
@@ -189,6 +207,14 @@ pub(crate) struct Shared {
     /// File segments shorter than this are read and sent; longer ones go
     /// zero-copy.
     pub(crate) file_copy_below: usize,
+    /// Most file replies in progress at once (`EngineConfig::max_file_replies`).
+    pub(crate) max_file_replies: usize,
+    notsent_lowat: Option<u32>,
+    /// File replies in progress (reserved, queued or being sent).
+    pub(crate) file_replies: AtomicUsize,
+    /// Connections waiting for a file reply place, in arrival order; each
+    /// is woken with `FILE_WAKE_POST` when a place frees.
+    pub(crate) file_waiters: Mutex<VecDeque<ConnId>>,
     /// Bytes queued for sending over all connections (a broadcast buffer
     /// counts once per recipient, although its memory is shared).
     pub(crate) queued_total: AtomicUsize,
@@ -220,8 +246,8 @@ impl fmt::Debug for Engine {
     }
 }
 
-/// Below this size a file is read and sent rather than spliced (see
-/// docs/DESIGN.md for the measurement behind it).
+/// With `--file-send auto`, below this size a file is read and sent rather
+/// than spliced (see docs/DESIGN.md for the measurement behind it).
 pub const DEFAULT_FILE_COPY_BELOW: usize = 1 << 20;
 
 /// The largest value [`EngineRef::post`] carries; the values above are the
@@ -362,6 +388,10 @@ impl Engine {
             keepalive: cfg.keepalive,
             max_queued_total: cfg.max_queued_total,
             file_copy_below: cfg.file_copy_below,
+            max_file_replies: cfg.max_file_replies.max(1),
+            notsent_lowat: cfg.notsent_lowat,
+            file_replies: AtomicUsize::new(0),
+            file_waiters: Mutex::new(VecDeque::new()),
             queued_total: AtomicUsize::new(0),
             stats: Stats::new(cfg.workers),
             listeners: Mutex::new(Vec::new()),
@@ -616,6 +646,67 @@ fn worker_main(shared: Arc<Shared>, p: usize, index: usize) {
 }
 
 impl Shared {
+    fn lock_file_waiters(&self) -> MutexGuard<'_, VecDeque<ConnId>> {
+        self.file_waiters.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Takes a file reply place if one is free.
+    pub(crate) fn try_take_file_place(&self) -> bool {
+        self.file_replies
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max_file_replies).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    /// Takes a file reply place for connection `id`, or (none free) puts
+    /// it in the waiting line: false. The second try is made under the
+    /// line's lock, and a place is released before the line is looked at
+    /// (`release_file_place`), so a place freed meanwhile is either taken
+    /// here or wakes this connection: no wake-up is lost.
+    pub(crate) fn take_file_place_or_wait(&self, id: ConnId) -> bool {
+        if self.try_take_file_place() {
+            return true;
+        }
+        let mut w = self.lock_file_waiters();
+        if self.try_take_file_place() {
+            return true;
+        }
+        w.push_back(id);
+        false
+    }
+
+    /// Whether some connection waits for a file reply place.
+    pub(crate) fn file_waiting(&self) -> bool {
+        !self.lock_file_waiters().is_empty()
+    }
+
+    /// Gives a file reply place back and wakes the first waiting connection.
+    pub(crate) fn release_file_place(&self) {
+        self.file_replies.fetch_sub(1, Ordering::AcqRel);
+        self.wake_file_waiter();
+    }
+
+    /// Wakes the first connection still open in the waiting line, if any.
+    pub(crate) fn wake_file_waiter(&self) {
+        let mut w = self.lock_file_waiters();
+        while let Some(id) = w.pop_front() {
+            if self.lookup(id).is_some() {
+                self.ports[id.port()].port.post(id.key(), FILE_WAKE_POST);
+                return;
+            }
+        }
+    }
+
+    /// Takes connection `id` out of the waiting line; false if it was not
+    /// in it (it was woken, or never waited).
+    pub(crate) fn forget_file_waiter(&self, id: ConnId) -> bool {
+        let mut w = self.lock_file_waiters();
+        let before = w.len();
+        w.retain(|x| *x != id);
+        w.len() != before
+    }
+
     /// Puts `bytes` in connection `id`'s inbox and wakes its worker.
     pub(crate) fn send_to(&self, id: ConnId, bytes: bytes::Bytes) -> bool {
         let Some(conn) = self.lookup(id) else {
@@ -776,6 +867,8 @@ impl Shared {
             bufs_leased: self.bufs_leased() as u64,
             uptime_s: self.started.elapsed().as_secs_f64(),
             send_queue_bytes: self.queued_total.load(Ordering::Relaxed) as u64,
+            file_replies: self.file_replies.load(Ordering::Relaxed) as u64,
+            file_replies_waiting: self.lock_file_waiters().len() as u64,
             ..StatsSnapshot::default()
         };
         let names: Vec<String> = (0..self.ports.len())
@@ -857,6 +950,9 @@ impl Shared {
         let _ = socket.set_tcp_nodelay(true);
         if let Some(idle) = self.keepalive {
             let _ = crate::port::sys::set_keepalive(&socket, idle);
+        }
+        if let Some(bytes) = self.notsent_lowat {
+            let _ = crate::port::sys::set_notsent_lowat(&socket, bytes);
         }
         self.ports[p].port.associate(&socket)?;
         let peer = socket.peer_addr().ok().and_then(|a| a.as_socket());
@@ -1130,7 +1226,7 @@ impl Shared {
                 conn::on_recv_done(self, &conn, &mut st, result, more)
             }
             Outcome::Sent { result, bufs } => conn::on_sent(self, &mut st, result, bufs),
-            Outcome::SentFile { result, .. } => conn::on_sent_file(self, &mut st, result),
+            Outcome::SentFile { result, .. } => conn::on_sent_file(self, &conn, &mut st, result),
             Outcome::Connected { result, .. } => {
                 st.connect_op = None;
                 st.connecting = false;
@@ -1158,6 +1254,7 @@ impl Shared {
                 }
             }
             Outcome::Posted(INBOX_POST) => {} // `progress` drains the inbox
+            Outcome::Posted(FILE_WAKE_POST) => conn::on_file_wake(self, &mut st),
             Outcome::Posted(CLOSE_POST) => st.close(
                 self,
                 CloseReason::Local,

@@ -163,7 +163,43 @@ impl Ctx<'_> {
     /// before without passing through user memory (zero-copy where the
     /// backend can). The caller sends whatever header announces them.
     pub fn send_file(&mut self, file: std::sync::Arc<std::fs::File>, offset: u64, len: usize) {
-        self.st.enqueue_file(file, offset, len);
+        self.st.enqueue_file(self.shared, file, offset, len);
+    }
+
+    /// Takes one of the engine's file reply places
+    /// ([`EngineConfig::max_file_replies`](crate::server::EngineConfig::max_file_replies))
+    /// for a file this frame's handler is about to open and
+    /// [`send_file`](Self::send_file); a place not used by the end of the
+    /// callback goes back. False when every place is taken: then hand the
+    /// frame back with [`defer_until_file_place`](Self::defer_until_file_place)
+    /// instead of opening anything. This bounds the descriptors (and
+    /// pipes) file replies hold however many clients request files and do
+    /// not read.
+    pub fn reserve_file(&mut self) -> bool {
+        if self.st.file_reserved {
+            return true;
+        }
+        self.st.file_reserved = self.shared.take_file_place_or_wait(self.conn.id);
+        if !self.st.file_reserved {
+            // In line: `take_file_place_or_wait` queued this connection.
+            self.st.file_wait = true;
+        }
+        self.st.file_reserved
+    }
+
+    /// Hands frame `f` back after [`reserve_file`](Self::reserve_file)
+    /// found no place: it is passed to `on_frame` again when a file reply
+    /// ends somewhere, before any later frame of this connection, which is
+    /// not read meanwhile (backpressure, as for a full send queue).
+    pub fn defer_until_file_place(&mut self, f: Frame) {
+        if !self.st.file_wait {
+            // Not in line (no `reserve_file` failed): retry at once.
+            self.st.file_wait = !self.shared.take_file_place_or_wait(self.conn.id);
+            if !self.st.file_wait {
+                self.shared.release_file_place();
+            }
+        }
+        self.st.deferred = Some(f);
     }
 
     /// Sends an ERROR frame; a fatal code (see

@@ -39,15 +39,18 @@ impl Services {
     }
 
     /// FILE: the reply is a frame header announcing the file's size, then
-    /// the file itself, sent zero-copy.
-    fn file(&self, ctx: &mut Ctx<'_>, body: &[u8]) {
+    /// the file itself (read and sent, or zero-copy: see
+    /// `EngineConfig::file_copy_below`). Only regular files are opened; a
+    /// request waits while the server's file reply places are all taken.
+    fn file(&self, ctx: &mut Ctx<'_>, f: Frame) {
+        let body = f.body();
         let Some(root) = &self.files else {
             return ctx.send_error(
                 code::NOT_FOUND,
                 "file serving is off (start the server with --files DIR)",
             );
         };
-        let Ok(path) = std::str::from_utf8(body) else {
+        let Ok(path) = std::str::from_utf8(&body) else {
             return ctx.send_error(code::FORBIDDEN, "path is not UTF-8");
         };
         // Refuse what is plainly outside before asking the kernel, which
@@ -61,6 +64,11 @@ impl Services {
                 &format!("forbidden path {path:?}: must be relative, without '..'"),
             );
         }
+        // A place under the server's bound on file replies in progress
+        // (each holds descriptors until sent), or wait for one.
+        if !ctx.reserve_file() {
+            return ctx.defer_until_file_place(f);
+        }
         let file = match sys::open_beneath(root, path) {
             Ok(f) => f,
             Err(e) if sys::is_escape(&e) => {
@@ -69,8 +77,37 @@ impl Services {
                     &format!("forbidden path {path:?}: leads outside the files directory"),
                 );
             }
+            Err(e) if sys::is_loop(&e) => {
+                return ctx.send_error(
+                    code::NOT_FOUND,
+                    &format!(
+                        "{path:?} cannot be resolved: symbolic link loop \
+                         (too many levels of symbolic links)"
+                    ),
+                );
+            }
+            Err(e) if sys::is_not_regular(&e) && e.kind() == io::ErrorKind::IsADirectory => {
+                return ctx.send_error(code::NOT_FOUND, &format!("{path:?} {e}"));
+            }
+            // A FIFO (whose open would wait for a writer), a socket or a
+            // device: never opened for reading.
+            Err(e) if sys::is_not_regular(&e) => {
+                return ctx.send_error(code::FORBIDDEN, &format!("forbidden path {path:?}: {e}"));
+            }
             Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
                 return ctx.send_error(code::FORBIDDEN, &format!("{path:?}: {e}"));
+            }
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(sys::errno::EMFILE) | Some(sys::errno::ENFILE)
+                ) =>
+            {
+                tracing::debug!("FILE {path:?}: {e}");
+                return ctx.send_error(
+                    code::BUSY,
+                    &format!("server busy: cannot open {path:?} now ({e})"),
+                );
             }
             Err(e) => return ctx.send_error(code::NOT_FOUND, &format!("{path:?}: {e}")),
         };
@@ -103,7 +140,7 @@ impl Handler for Services {
             cmd::BROADCAST => {
                 ctx.broadcast(&f.body());
             }
-            cmd::FILE => self.file(ctx, &f.body()),
+            cmd::FILE => self.file(ctx, f),
             cmd::STATS => {
                 let json = serde_json::to_vec(&ctx.engine().stats()).unwrap_or_default();
                 ctx.send_frame(Frame::new(cmd::STATS, &json));

@@ -182,6 +182,7 @@ struct Shard {
     bytes_out: AtomicU64,
     errors: [AtomicU64; 12],
     late_completions: AtomicU64,
+    file_truncated: AtomicU64,
     completions: AtomicU64,
     /// Latency buckets (not cumulative), the last one +Inf.
     latency: [AtomicU64; LAT_BUCKETS + 1],
@@ -341,6 +342,11 @@ impl Stats {
         add(&self.shard().late_completions, 1);
     }
 
+    /// A FILE reply ended early: the file was shorter than its header said.
+    pub(crate) fn file_truncated(&self) {
+        add(&self.shard().file_truncated, 1);
+    }
+
     /// Worker `w` took `n` completions from its port.
     pub(crate) fn completions(&self, w: usize, n: usize) {
         let last = self.shards.len() - 1;
@@ -484,6 +490,7 @@ impl Stats {
         s.unknown_commands = s.errors["unknown_command"];
         s.accept_errors = s.errors["accept_failed"];
         s.late_completions = each(|x| &x.late_completions);
+        s.file_truncated = each(|x| &x.file_truncated);
         s.completions = worker_names
             .iter()
             .enumerate()
@@ -627,11 +634,19 @@ pub struct StatsSnapshot {
     pub errors: BTreeMap<String, u64>,
     /// Completions that arrived for a connection already gone (dropped).
     pub late_completions: u64,
+    /// FILE replies cut short (connection closed) because the file shrank
+    /// below the length announced in the reply's header.
+    pub file_truncated: u64,
     /// Completions taken by each worker thread, by thread name (`p0w0`:
     /// port 0, worker 0).
     pub completions: BTreeMap<String, u64>,
     /// Bytes queued for sending over all connections now.
     pub send_queue_bytes: u64,
+    /// FILE replies in progress now (each holds an open file).
+    pub file_replies: u64,
+    /// FILE requests waiting for a place under the bound on file replies
+    /// in progress (their connections are not read meanwhile).
+    pub file_replies_waiting: u64,
     /// Operations in flight in all ports.
     pub outstanding_ops: u64,
     /// Pooled receive buffers lent out in all ports.

@@ -306,6 +306,31 @@ fn broadcast_reaches_every_client() {
     stop(engine);
 }
 
+/// FILE never opens a device: reserved device names (which name devices
+/// wherever they appear on older Windows) are refused with ERROR 4 before
+/// anything is opened, and the connection stays usable.
+#[test]
+fn file_refuses_device_names() {
+    let dir = std::env::temp_dir().join(format!("cport-win-devices-{}", std::process::id()));
+    std::fs::create_dir_all(dir.join("sub")).unwrap();
+    std::fs::write(dir.join("real.txt"), b"real").unwrap();
+    let (engine, addr) = start(config(1, 2), Services::with_files(&dir).unwrap());
+    let mut s = connect(addr);
+    for dev in [
+        "NUL", "con", "con.txt", "sub/AUX", "COM1", "lpt1.log", "CONIN$",
+    ] {
+        s.write_all(&frame(cmd::FILE, dev.as_bytes())).unwrap();
+        let (c, msg) = expect_error(&mut s, dev);
+        assert_eq!(c, code::FORBIDDEN, "{dev}: {msg}");
+        assert!(msg.contains("device"), "{dev}: {msg}");
+    }
+    s.write_all(&frame(cmd::FILE, b"real.txt")).unwrap();
+    assert_eq!(expect_frame(&mut s, "real"), (cmd::FILE, b"real".to_vec()));
+    drop(s);
+    stop(engine);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn file_is_sent_with_transmitfile() {
     let dir = std::env::temp_dir().join(format!("cport-win-files-{}", std::process::id()));

@@ -227,6 +227,31 @@ pub fn raise_fd_limit() -> Option<u64> {
     fd_limit()
 }
 
+/// Caps what a TCP socket holds queued but not yet sent at `bytes`
+/// (`TCP_NOTSENT_LOWAT`): a send waits (and the socket is not writable)
+/// while more is unsent, so the sender sees its peer's progress every
+/// `bytes` instead of after a whole send buffer, and holds the rest in its
+/// own queue. Bytes in flight are not limited.
+pub fn set_notsent_lowat(socket: &socket2::Socket, bytes: u32) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let v = bytes.min(i32::MAX as u32) as libc::c_int;
+    // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from a live
+    // c_int on our stack; the descriptor is owned by `socket`.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_NOTSENT_LOWAT,
+            &v as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Turns on TCP keepalive (first probe after `idle`, then every `idle / 3`
 /// (at least 1 s), 3 probes) and sets TCP_USER_TIMEOUT to the same total,
 /// so a peer that vanished is reaped even while data is unacknowledged.
@@ -242,16 +267,52 @@ pub fn set_keepalive(socket: &socket2::Socket, idle: std::time::Duration) -> std
 
 /// Opens `path` for reading, resolved strictly beneath the directory `root`
 /// (openat2 with RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS): absolute paths,
-/// `..` that climbs out and symlinks that lead outside fail with
-/// `EXDEV`/`ELOOP`, decided by the kernel at open time, so there is no
-/// check-then-open race.
+/// `..` that climbs out and symlinks that lead outside fail with `EXDEV`,
+/// a symlink loop with `ELOOP`, decided by the kernel at open time, so
+/// there is no check-then-open race.
+///
+/// Only a regular file is ever opened for reading: the path is first
+/// resolved without opening what it names (`O_PATH`), and anything else (a
+/// FIFO, whose open would wait for a writer; a socket; a device, whose open
+/// may have effects) fails with an error [`is_not_regular`] recognises.
+/// The open itself is `O_NONBLOCK` and re-checked with `fstat`, so a file
+/// replaced by a FIFO between the two steps cannot block the caller either.
 pub fn open_beneath(root: &std::fs::File, path: &str) -> std::io::Result<std::fs::File> {
-    use std::os::fd::{AsRawFd, FromRawFd};
+    use std::os::fd::AsRawFd;
     let c = std::ffi::CString::new(path)
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "path contains NUL"))?;
+    let probe = openat2_beneath(root, &c, libc::O_PATH)?;
+    let first = fstat(&probe)?;
+    if first.st_mode & libc::S_IFMT != libc::S_IFREG {
+        return Err(super::not_regular(file_kind(first.st_mode)));
+    }
+    drop(probe);
+    let file = openat2_beneath(root, &c, libc::O_RDONLY | libc::O_NONBLOCK | libc::O_NOCTTY)?;
+    let st = fstat(&file)?;
+    if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+        return Err(super::not_regular(file_kind(st.st_mode)));
+    }
+    // Back to blocking mode: on a regular file O_NONBLOCK would make an
+    // io_uring read or splice that misses the page cache fail with EAGAIN
+    // instead of waiting for the disk off the worker.
+    // SAFETY: fcntl on a descriptor we own, with an integer argument.
+    let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFL, 0) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(file)
+}
+
+/// `openat2(root, path, flags | O_CLOEXEC)` resolved beneath `root`.
+fn openat2_beneath(
+    root: &std::fs::File,
+    path: &std::ffi::CStr,
+    flags: libc::c_int,
+) -> std::io::Result<std::fs::File> {
+    use std::os::fd::{AsRawFd, FromRawFd};
     // SAFETY: open_how is plain old data; all-zero is valid.
     let mut how: libc::open_how = unsafe { std::mem::zeroed() };
-    how.flags = (libc::O_RDONLY | libc::O_CLOEXEC | libc::O_NOCTTY) as u64;
+    how.flags = (flags | libc::O_CLOEXEC) as u64;
     how.resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_MAGICLINKS;
     // SAFETY: the path is NUL-terminated and `how` is a valid open_how of
     // the size we pass; the kernel only reads them.
@@ -259,7 +320,7 @@ pub fn open_beneath(root: &std::fs::File, path: &str) -> std::io::Result<std::fs
         libc::syscall(
             libc::SYS_openat2,
             root.as_raw_fd(),
-            c.as_ptr(),
+            path.as_ptr(),
             &how as *const libc::open_how,
             std::mem::size_of::<libc::open_how>(),
         )
@@ -271,9 +332,39 @@ pub fn open_beneath(root: &std::fs::File, path: &str) -> std::io::Result<std::fs
     Ok(unsafe { std::fs::File::from_raw_fd(fd as i32) })
 }
 
+fn fstat(f: &std::fs::File) -> std::io::Result<libc::stat> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: stat is plain old data; all-zero is valid.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat writes into the struct we pass, on a descriptor we own.
+    if unsafe { libc::fstat(f.as_raw_fd(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(st)
+}
+
+/// What a file that is not a regular file is, for the error message.
+fn file_kind(mode: libc::mode_t) -> &'static str {
+    match mode & libc::S_IFMT {
+        libc::S_IFDIR => "a directory",
+        libc::S_IFIFO => "a FIFO",
+        libc::S_IFSOCK => "a socket",
+        libc::S_IFCHR => "a character device",
+        libc::S_IFBLK => "a block device",
+        libc::S_IFLNK => "a symbolic link",
+        _ => "not a regular file",
+    }
+}
+
 /// Whether an error from [`open_beneath`] means the path tried to leave the root.
 pub fn is_escape(e: &std::io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::EXDEV) | Some(libc::ELOOP))
+    e.raw_os_error() == Some(libc::EXDEV)
+}
+
+/// Whether an error from [`open_beneath`] means the path could not be
+/// resolved because of a symlink loop (too many levels of symbolic links).
+pub fn is_loop(e: &std::io::Error) -> bool {
+    e.raw_os_error() == Some(libc::ELOOP)
 }
 
 /// Maps `len` bytes of fresh, zeroed, private memory: pages cost nothing

@@ -74,8 +74,9 @@ mod linux;
 #[cfg(target_os = "linux")]
 pub use linux::{
     ProcessUsage, accept_queue_len, ephemeral_port_range, errno, fd_hard_limit, fd_limit,
-    is_escape, machine_cpu, open_beneath, open_dir, process_cpu_rss_of, process_usage,
+    is_escape, is_loop, machine_cpu, open_beneath, open_dir, process_cpu_rss_of, process_usage,
     process_usage_of, raise_fd_limit, sched_cpu_of, set_bind_address_no_port, set_keepalive,
+    set_notsent_lowat,
 };
 #[cfg(target_os = "linux")]
 use linux::{map_pages, unmap_pages};
@@ -88,13 +89,44 @@ mod windows;
 #[cfg(windows)]
 use windows::{map_pages, unmap_pages};
 
+/// The error `open_beneath` gives for a path that names something other
+/// than a regular file (a FIFO, socket, device or directory), which it
+/// refuses without reading from it.
+#[derive(Debug)]
+struct NotRegular(&'static str);
+
+impl std::fmt::Display for NotRegular {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "is {}, not a regular file", self.0)
+    }
+}
+
+impl std::error::Error for NotRegular {}
+
+/// A [`NotRegular`] error; `kind` says what the path names ("a FIFO").
+fn not_regular(kind: &'static str) -> io::Error {
+    let k = if kind == "a directory" {
+        io::ErrorKind::IsADirectory
+    } else {
+        io::ErrorKind::InvalidInput
+    };
+    io::Error::new(k, NotRegular(kind))
+}
+
+/// Whether an error from `open_beneath` means the path names something
+/// other than a regular file (its kind is `IsADirectory` for a directory).
+pub fn is_not_regular(e: &io::Error) -> bool {
+    e.get_ref().is_some_and(|r| r.is::<NotRegular>())
+}
+
 /// The receive pool the poll and IOCP backends share.
 mod pool;
 #[cfg(windows)]
 pub use windows::{
     ProcessUsage, accept_queue_len, ephemeral_port_range, errno, fd_hard_limit, fd_limit,
-    is_escape, machine_cpu, open_beneath, open_dir, process_cpu_rss_of, process_usage,
+    is_escape, is_loop, machine_cpu, open_beneath, open_dir, process_cpu_rss_of, process_usage,
     process_usage_of, raise_fd_limit, sched_cpu_of, set_bind_address_no_port, set_keepalive,
+    set_notsent_lowat,
 };
 
 use std::collections::VecDeque;

@@ -11,10 +11,11 @@ use std::os::windows::io::{AsRawHandle, AsRawSocket};
 use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
-use windows_sys::Win32::Foundation::{CloseHandle, FILETIME, HANDLE};
+use windows_sys::Win32::Foundation::{CloseHandle, ERROR_CANT_RESOLVE_FILENAME, FILETIME, HANDLE};
 use windows_sys::Win32::Networking::WinSock::{SO_REUSE_UNICASTPORT, SOL_SOCKET, setsockopt};
 use windows_sys::Win32::Storage::FileSystem::{
-    FILE_FLAG_BACKUP_SEMANTICS, FILE_NAME_NORMALIZED, GetFinalPathNameByHandleW, VOLUME_NAME_DOS,
+    FILE_FLAG_BACKUP_SEMANTICS, FILE_NAME_NORMALIZED, FILE_TYPE_CHAR, FILE_TYPE_DISK,
+    FILE_TYPE_PIPE, GetFileType, GetFinalPathNameByHandleW, VOLUME_NAME_DOS,
 };
 use windows_sys::Win32::System::Memory::{
     MEM_COMMIT, MEM_RELEASE, MEM_RESERVE, PAGE_READWRITE, VirtualAlloc, VirtualFree,
@@ -232,6 +233,11 @@ pub(super) unsafe fn unmap_pages(mem: *mut u8, _len: usize) {
     unsafe { VirtualFree(mem.cast(), 0, MEM_RELEASE) };
 }
 
+/// `TCP_NOTSENT_LOWAT` has no Windows counterpart: nothing to set.
+pub fn set_notsent_lowat(_socket: &socket2::Socket, _bytes: u32) -> io::Result<()> {
+    Ok(())
+}
+
 /// Opens a directory to serve files beneath. A directory opens on Windows
 /// only with `FILE_FLAG_BACKUP_SEMANTICS`.
 pub fn open_dir(path: &Path) -> io::Result<File> {
@@ -291,6 +297,12 @@ fn final_path(f: &File) -> io::Result<PathBuf> {
 /// checked is the very file that will be sent, so there is no
 /// check-then-open race. Absolute paths, drive prefixes and `..` are
 /// refused before anything is opened.
+///
+/// Only a disk file is ever served: a component with a reserved device
+/// name (`CON`, `NUL`, `COM1`, ...; these name devices wherever they
+/// appear on older Windows) is refused before anything is opened, and a
+/// handle that is not a disk file (`GetFileType`: a pipe or a character
+/// device reached through a link) or is a directory is closed unread.
 pub fn open_beneath(root: &File, path: &str) -> io::Result<File> {
     let rel = Path::new(path);
     if rel
@@ -299,19 +311,58 @@ pub fn open_beneath(root: &File, path: &str) -> io::Result<File> {
     {
         return Err(escape());
     }
+    if rel.components().any(|c| is_device_name(c.as_os_str())) {
+        return Err(super::not_regular("a device"));
+    }
     let base = final_path(root)?;
     let f = std::fs::OpenOptions::new()
         .read(true)
         .open(base.join(rel))?;
+    // SAFETY: GetFileType only reads the handle, owned by `f` for the call.
+    let kind = unsafe { GetFileType(f.as_raw_handle()) };
+    if kind != FILE_TYPE_DISK {
+        return Err(super::not_regular(match kind {
+            FILE_TYPE_PIPE => "a pipe",
+            FILE_TYPE_CHAR => "a character device",
+            _ => "not a disk file",
+        }));
+    }
     if !final_path(&f)?.starts_with(&base) {
         return Err(escape());
     }
+    if f.metadata()?.is_dir() {
+        return Err(super::not_regular("a directory"));
+    }
     Ok(f)
+}
+
+/// Whether a path component is a reserved DOS device name (`CON`, `PRN`,
+/// `AUX`, `NUL`, `COM0`-`COM9`, `LPT0`-`LPT9`), with or without an
+/// extension or trailing spaces and dots.
+fn is_device_name(c: &std::ffi::OsStr) -> bool {
+    let Some(s) = c.to_str() else {
+        return false;
+    };
+    let stem = s.split('.').next().unwrap_or("").trim_end_matches(' ');
+    let upper = stem.to_ascii_uppercase();
+    let b = upper.as_bytes();
+    matches!(
+        upper.as_str(),
+        "CON" | "PRN" | "AUX" | "NUL" | "CONIN$" | "CONOUT$"
+    ) || (b.len() == 4 && (b.starts_with(b"COM") || b.starts_with(b"LPT")) && b[3].is_ascii_digit())
+        || ((upper.starts_with("COM") || upper.starts_with("LPT"))
+            && matches!(&upper[3..], "\u{b9}" | "\u{b2}" | "\u{b3}"))
 }
 
 /// Whether an error from [`open_beneath`] means the path tried to leave the root.
 pub fn is_escape(e: &io::Error) -> bool {
     e.get_ref().is_some_and(|r| r.is::<Escape>())
+}
+
+/// Whether an error from [`open_beneath`] means the path could not be
+/// resolved because of a symbolic link loop.
+pub fn is_loop(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(ERROR_CANT_RESOLVE_FILENAME as i32)
 }
 
 /// Raw OS error codes the layers above compare `io::Error::raw_os_error`

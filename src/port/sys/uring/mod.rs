@@ -41,6 +41,11 @@ const BGID: u16 = 0;
 const STAGE1: u64 = 1 << 31;
 /// Most bytes one file send moves (one pipe or buffer fill).
 const FILE_CHUNK: usize = 1 << 20;
+/// A file send whose socket takes its chunk slowly completes with what it
+/// sent once it has run this long, so the engine sees the reply progress
+/// (its idle and stall checks) even for a reader slower than a chunk per
+/// second; the rest is read from the file again by the next send.
+const FILE_REPORT_AFTER: Duration = Duration::from_millis(500);
 
 /// Builds an SQE on a connected socket, whether it is a descriptor or a
 /// registered-file slot (the crate's target trait is sealed, so each case
@@ -149,6 +154,8 @@ struct FileXfer {
     in_hand: usize,
     /// Bytes sent to the socket so far.
     sent: usize,
+    /// When the op started.
+    started: Instant,
 }
 
 /// One operation in flight: the op (owning buffers and socket) and its scratch.
@@ -904,6 +911,7 @@ fn build_sqe(
                     off: 0,
                     in_hand: 0,
                     sent: 0,
+                    started: Instant::now(),
                 }));
                 let Scratch::File(x) = &mut f.scratch else {
                     unreachable!()
@@ -920,6 +928,7 @@ fn build_sqe(
                     off: 0,
                     in_hand: 0,
                     sent: 0,
+                    started: Instant::now(),
                 }));
                 opcode::Splice::new(fd, *offset as i64, w_fd, -1, chunk as u32).build()
             };
@@ -1019,7 +1028,7 @@ fn file_step(f: &mut InFlight, stage1: bool, res: i32, ud: u64) -> FileStep {
         x.sent += n;
         x.in_hand -= n.min(x.in_hand);
         x.off += n;
-        if x.in_hand == 0 {
+        if x.in_hand == 0 || x.started.elapsed() >= FILE_REPORT_AFTER {
             return FileStep::Done(Ok(x.sent));
         }
     }
