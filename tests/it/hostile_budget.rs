@@ -256,9 +256,15 @@ struct Got {
 
 /// One flooder sends `n` 1 KiB BROADCASTs as fast as it can (its own copies
 /// drained by another thread) while `readers` honest recipients read
-/// everything. Returns what each recipient saw and when the flood was
-/// written.
-fn flood(addr: SocketAddr, readers: usize, n: u64) -> (Vec<Got>, Duration, Duration) {
+/// everything, each pausing `pace` after every 64 frames (as a client that
+/// does something with what it reads). Returns what each recipient saw,
+/// when the flood was written, and when the last recipient had it all.
+fn flood(
+    addr: SocketAddr,
+    readers: usize,
+    n: u64,
+    pace: Duration,
+) -> (Vec<Got>, Duration, Duration) {
     let mut recipients: Vec<TcpStream> = (0..readers).map(|_| connect(addr)).collect();
     let flooder = connect(addr);
     drop(settle(addr, readers as u64 + 2, readers as u64 + 2));
@@ -278,16 +284,20 @@ fn flood(addr: SocketAddr, readers: usize, n: u64) -> (Vec<Got>, Duration, Durat
                         let seq = u64::from_be_bytes(b[8..16].try_into().unwrap());
                         assert_eq!(seq, got.frames, "a broadcast out of order or lost");
                         got.frames += 1;
+                        if got.frames % 64 == 0 {
+                            thread::sleep(pace);
+                        }
                     }
                     Ok((CMD_ERROR, b)) => {
                         got.error = Some(u32::from_be_bytes(b[..4].try_into().unwrap()));
                         break;
                     }
                     Ok((cmd, _)) => panic!("unexpected cmd {cmd:#x}"),
-                    Err(e) => panic!(
-                        "a recipient's stream ended after {} frames: {e}",
-                        got.frames
-                    ),
+                    // Cut without an ERROR frame: counted as dropped.
+                    Err(_) => {
+                        got.error = Some(0);
+                        break;
+                    }
                 }
             }
             got.done = start.elapsed();
@@ -308,7 +318,9 @@ fn flood(addr: SocketAddr, readers: usize, n: u64) -> (Vec<Got>, Duration, Durat
             batch.extend_from_slice(&encode_frame(CMD_BROADCAST, &body));
             if batch.len() >= 64 * 1024 || i + 1 == n {
                 w.set_write_timeout(Some(deadline)).unwrap();
-                w.write_all(&batch).expect("the flooder's writes");
+                if w.write_all(&batch).is_err() {
+                    break; // the flooder was dropped: its readers say how
+                }
                 batch.clear();
             }
         }
@@ -322,18 +334,20 @@ fn flood(addr: SocketAddr, readers: usize, n: u64) -> (Vec<Got>, Duration, Durat
     (got, written, last)
 }
 
-/// 20 reading recipients beside one client that writes 6,000 1 KiB
-/// BROADCASTs as fast as it can, with the default budget and with none
-/// (`--max-broadcast-rate 0`: only the hold on recipients' backlogs):
-/// nobody is dropped as a slow consumer, every recipient gets every
-/// broadcast in order.
+/// 20 reading recipients (each pausing 10 ms every 64 KiB: at most
+/// ~6 MB/s) beside one client that writes 6,000 1 KiB BROADCASTs as fast as
+/// it can, with the default budget and with none (`--max-broadcast-rate
+/// 0`: only the hold on recipients' backlogs): nobody is dropped as a slow
+/// consumer, every recipient gets every broadcast in order. (Before the
+/// budget, the flood was written in ~0.1 s and recipients were dropped
+/// with ERROR 7 once 4 MiB behind.)
 #[test]
 fn broadcast_flood_does_not_evict_reading_recipients() {
     for args in [&[][..], &["--max-broadcast-rate", "0"][..]] {
         let mut srv = Server::start(args);
         let addr = srv.addr();
-        let n = 6000;
-        let (got, written, last) = flood(addr, 20, n);
+        let n = 10_000;
+        let (got, written, last) = flood(addr, 20, n, Duration::from_millis(20));
         let mut st = connect(addr);
         let v = stats(&mut st);
         let dropped = got.iter().filter(|g| g.error.is_some()).count();
@@ -371,7 +385,7 @@ fn broadcast_flood_is_held_to_its_budget() {
     let mut srv = Server::start(&["--max-broadcast-rate", "500", "--broadcast-burst", "100"]);
     let addr = srv.addr();
     let n = 2000u64;
-    let (got, written, last) = flood(addr, 20, n);
+    let (got, written, last) = flood(addr, 20, n, Duration::ZERO);
     let rate = (n - 100) as f64 / last.as_secs_f64();
     eprintln!(
         "[hostile_budget] budget 500/s burst 100: {n} broadcasts written in {written:?}, \
@@ -487,6 +501,113 @@ fn dropped_slow_consumers_get_whole_frames_then_error_7() {
     };
     assert_eq!(closed(&v, "slow_consumer"), 50, "{v}");
     assert_eq!(stat_u64(&v, "connections_open"), 2, "{v}");
+    drop((sender, own, st));
+    srv.stop_checked(52);
+}
+
+/// 50 recipients that read 4 KiB every 100 ms (4 KiB receive buffers)
+/// while a sender broadcasts 64 KiB messages with no budget (`--max-send-queue
+/// 256KiB --max-broadcast-rate 0`): each falls behind and is dropped as a
+/// slow consumer while sends to it complete piecemeal, so the server's
+/// queue often begins with the rest of a frame partly sent when the drop
+/// comes. After 4 s each reads what is left at full speed: every one sees
+/// whole frames, in order, ending with ERROR 7.
+#[test]
+fn slow_readers_dropped_mid_frame_get_whole_frames_then_error_7() {
+    let mut srv = Server::start(&["--max-send-queue", "256KiB", "--max-broadcast-rate", "0"]);
+    let addr = srv.addr();
+    let slow: Vec<TcpStream> = (0..50)
+        .map(|_| {
+            let s =
+                socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+            s.set_recv_buffer_size(4096).unwrap();
+            s.connect(&addr.into()).unwrap();
+            let s = TcpStream::from(s);
+            configure(&s);
+            s
+        })
+        .collect();
+    let mut sender = connect(addr);
+    let mut st = settle(addr, 52, 52);
+    let start = Instant::now();
+    let readers: Vec<_> = slow
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut s)| {
+            thread::spawn(move || {
+                let mut bytes = Vec::new();
+                let mut b = vec![0u8; 4096];
+                while start.elapsed() < Duration::from_secs(4) {
+                    match s.read(&mut b) {
+                        Ok(0) | Err(_) => return (i, bytes),
+                        Ok(n) => bytes.extend_from_slice(&b[..n]),
+                    }
+                    thread::sleep(Duration::from_millis(100));
+                }
+                let _ = s.read_to_end(&mut bytes);
+                (i, bytes)
+            })
+        })
+        .collect();
+    // The sender writes without waiting (its own copies drained by a
+    // thread), so broadcasts wait in the recipients' inboxes while their
+    // sends complete piecemeal.
+    let own = {
+        let mut r = BufReader::new(sender.try_clone().unwrap());
+        thread::spawn(move || while read_frame_from(&mut r).is_ok() {})
+    };
+    let size = 64 * 1024;
+    let mut body = vec![b's'; size];
+    let mut sent = 0u32;
+    while errors(&stats_among_broadcasts(&mut st), "slow_consumer") < 50 {
+        assert!(
+            sent < 4000 && start.elapsed() < DEADLINE,
+            "only some slow recipients were dropped"
+        );
+        for _ in 0..8 {
+            body[..4].copy_from_slice(&sent.to_be_bytes());
+            write_frame(&mut sender, CMD_BROADCAST, &body).unwrap();
+            sent += 1;
+        }
+    }
+    let mut cut = Vec::new();
+    for h in readers {
+        let (i, bytes) = h.join().unwrap();
+        let r = std::panic::catch_unwind(|| {
+            let frames = whole_frames(&bytes, &format!("slow recipient {i}"));
+            let (last, rest) = frames.split_last().expect("some frames");
+            assert_eq!(
+                last.0, CMD_ERROR,
+                "recipient {i}: the last frame is not an ERROR"
+            );
+            assert_eq!(
+                u32::from_be_bytes(last.1[..4].try_into().unwrap()),
+                ERR_SLOW_CONSUMER
+            );
+            for (k, (cmd, b)) in rest.iter().enumerate() {
+                assert_eq!(*cmd, CMD_BROADCAST, "recipient {i} frame {k}");
+                assert_eq!(b.len(), 8 + size);
+                assert_eq!(
+                    b[8..12],
+                    (k as u32).to_be_bytes(),
+                    "recipient {i}: out of order"
+                );
+            }
+        });
+        if r.is_err() {
+            cut.push(i);
+        }
+    }
+    eprintln!(
+        "[hostile_budget] 50 slow readers dropped after {sent} x 64 KiB broadcasts in {:?}: \
+         {} of 50 read whole frames ending with ERROR 7 (not: {cut:?})",
+        start.elapsed(),
+        50 - cut.len()
+    );
+    assert!(
+        cut.is_empty(),
+        "recipients whose stream was not whole frames then ERROR 7: {cut:?}"
+    );
     drop((sender, own, st));
     srv.stop_checked(52);
 }
