@@ -284,7 +284,7 @@ fn flood(
                         let seq = u64::from_be_bytes(b[8..16].try_into().unwrap());
                         assert_eq!(seq, got.frames, "a broadcast out of order or lost");
                         got.frames += 1;
-                        if got.frames % 64 == 0 {
+                        if got.frames.is_multiple_of(64) {
                             thread::sleep(pace);
                         }
                     }
