@@ -12,7 +12,8 @@
 
 use std::io::{BufReader, ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, mpsc};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -31,14 +32,48 @@ fn errors(v: &Value, kind: &str) -> u64 {
     v["errors"][kind].as_u64().unwrap_or(0)
 }
 
-/// STATS on a connection that also receives broadcasts (skipped).
-fn stats_among_broadcasts(s: &mut TcpStream) -> Value {
-    write_frame(s, CMD_STATS, &[]).expect("write STATS");
-    loop {
-        match expect_frame(s, "STATS reply") {
-            (CMD_BROADCAST, _) => continue,
-            (CMD_STATS, body) => return serde_json::from_slice(&body).expect("STATS JSON"),
-            (cmd, _) => panic!("unexpected cmd {cmd:#x}"),
+/// STATS on a connection that also receives broadcasts: a thread reads
+/// everything as it comes (so the connection never falls behind) and hands
+/// over the STATS replies.
+struct StatsTap {
+    s: TcpStream,
+    replies: mpsc::Receiver<Value>,
+    reader: Option<thread::JoinHandle<()>>,
+}
+
+impl StatsTap {
+    fn new(s: TcpStream) -> StatsTap {
+        let (tx, replies) = mpsc::channel();
+        let mut r = BufReader::new(s.try_clone().unwrap());
+        let reader = thread::spawn(move || {
+            while let Ok((cmd, body)) = read_frame_from(&mut r) {
+                match cmd {
+                    CMD_BROADCAST => {}
+                    CMD_STATS => {
+                        let _ = tx.send(serde_json::from_slice(&body).expect("STATS JSON"));
+                    }
+                    cmd => panic!("the STATS connection got cmd {cmd:#x}"),
+                }
+            }
+        });
+        StatsTap {
+            s,
+            replies,
+            reader: Some(reader),
+        }
+    }
+
+    fn stats(&mut self) -> Value {
+        write_frame(&mut self.s, CMD_STATS, &[]).expect("write STATS");
+        self.replies.recv_timeout(DEADLINE).expect("a STATS reply")
+    }
+}
+
+impl Drop for StatsTap {
+    fn drop(&mut self) {
+        let _ = self.s.shutdown(std::net::Shutdown::Both);
+        if let Some(h) = self.reader.take() {
+            let _ = h.join();
         }
     }
 }
@@ -429,14 +464,14 @@ fn dropped_slow_consumers_get_whole_frames_then_error_7() {
         })
         .collect();
     let mut sender = connect(addr);
-    let mut st = settle(addr, 52, 52);
+    let mut st = StatsTap::new(settle(addr, 52, 52));
     let mut own = BufReader::new(sender.try_clone().unwrap());
     let size = 64 * 1024;
     let mut body = vec![b'd'; size];
     let mut sent = 0u32;
     let start = Instant::now();
     // Broadcast until all 50 have been dropped (bounded in count and time).
-    while errors(&stats_among_broadcasts(&mut st), "slow_consumer") < 50 {
+    while errors(&st.stats(), "slow_consumer") < 50 {
         assert!(
             sent < 400 && start.elapsed() < DEADLINE,
             "only some deaf recipients were dropped"
@@ -493,7 +528,7 @@ fn dropped_slow_consumers_get_whole_frames_then_error_7() {
         start.elapsed()
     );
     let v = loop {
-        let v = stats_among_broadcasts(&mut st);
+        let v = st.stats();
         if closed(&v, "slow_consumer") == 50 || start.elapsed() > 2 * DEADLINE {
             break v;
         }
@@ -510,8 +545,8 @@ fn dropped_slow_consumers_get_whole_frames_then_error_7() {
 /// 256KiB --max-broadcast-rate 0`): each falls behind and is dropped as a
 /// slow consumer while sends to it complete piecemeal, so the server's
 /// queue often begins with the rest of a frame partly sent when the drop
-/// comes. After 4 s each reads what is left at full speed: every one sees
-/// whole frames, in order, ending with ERROR 7.
+/// comes. Once all are dropped each reads what is left at full speed:
+/// every one sees whole frames, in order, ending with ERROR 7.
 #[test]
 fn slow_readers_dropped_mid_frame_get_whole_frames_then_error_7() {
     let mut srv = Server::start(&["--max-send-queue", "256KiB", "--max-broadcast-rate", "0"]);
@@ -528,16 +563,18 @@ fn slow_readers_dropped_mid_frame_get_whole_frames_then_error_7() {
         })
         .collect();
     let mut sender = connect(addr);
-    let mut st = settle(addr, 52, 52);
+    let mut st = StatsTap::new(settle(addr, 52, 52));
     let start = Instant::now();
+    let all_dropped = Arc::new(AtomicBool::new(false));
     let readers: Vec<_> = slow
         .into_iter()
         .enumerate()
         .map(|(i, mut s)| {
+            let all_dropped = all_dropped.clone();
             thread::spawn(move || {
                 let mut bytes = Vec::new();
                 let mut b = vec![0u8; 4096];
-                while start.elapsed() < Duration::from_secs(4) {
+                while !all_dropped.load(Ordering::Relaxed) && start.elapsed() < DEADLINE {
                     match s.read(&mut b) {
                         Ok(0) | Err(_) => return (i, bytes),
                         Ok(n) => bytes.extend_from_slice(&b[..n]),
@@ -559,7 +596,7 @@ fn slow_readers_dropped_mid_frame_get_whole_frames_then_error_7() {
     let size = 64 * 1024;
     let mut body = vec![b's'; size];
     let mut sent = 0u32;
-    while errors(&stats_among_broadcasts(&mut st), "slow_consumer") < 50 {
+    while errors(&st.stats(), "slow_consumer") < 50 {
         assert!(
             sent < 4000 && start.elapsed() < DEADLINE,
             "only some slow recipients were dropped"
@@ -570,6 +607,7 @@ fn slow_readers_dropped_mid_frame_get_whole_frames_then_error_7() {
             sent += 1;
         }
     }
+    all_dropped.store(true, Ordering::Relaxed);
     let mut cut = Vec::new();
     for h in readers {
         let (i, bytes) = h.join().unwrap();
@@ -595,7 +633,7 @@ fn slow_readers_dropped_mid_frame_get_whole_frames_then_error_7() {
             }
         });
         if r.is_err() {
-            cut.push(i);
+            cut.push((i, bytes.len()));
         }
     }
     eprintln!(
