@@ -233,48 +233,67 @@ fn large_frame_at_a_modest_rate_is_not_cut() {
 
 /// A client whose replies are not read is not read either (backpressure):
 /// a frame it began then waits on the server, not the other way round, so
-/// the deadline does not count that time. Here the client pipelines 24
-/// 256 KiB ECHOs (6 MiB, over the 4 MiB send queue limit) and half of a
-/// 25th, reads nothing for 4 s (twice `--frame-timeout`), then reads:
+/// the deadline does not count that time. Here the client (4 KiB receive
+/// buffer) pipelines 24,000 256-byte ECHOs (6 MiB: more than the kernel
+/// buffers take, and over `--max-send-queue 256KiB`; 512-byte receives, so
+/// the server stops with part of a frame in hand, which earns well under a
+/// second), reads nothing for 4 s (twice `--frame-timeout`), then reads:
 /// everything is echoed and nothing is cut.
 #[test]
 fn frame_held_by_backpressure_is_not_cut() {
-    let mut srv = Server::start(&["--frame-timeout", "2s"]);
+    let mut srv = Server::start(&[
+        "--frame-timeout",
+        "2s",
+        "--recv-buf",
+        "512",
+        "--max-send-queue",
+        "256KiB",
+    ]);
     let addr = srv.addr();
-    let mut c = connect(addr);
-    let bodies: Vec<Vec<u8>> = (0..25u64).map(|i| pattern(100 + i, 256 * 1024)).collect();
+    let mut c = {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        s.set_recv_buffer_size(4096).unwrap();
+        s.connect(&addr.into()).unwrap();
+        let s = TcpStream::from(s);
+        configure(&s);
+        s
+    };
+    let n = 24_000u64;
+    let bodies: Vec<Vec<u8>> = (0..n).map(|i| pattern(100 + i, 256)).collect();
     let mut wire = Vec::new();
     for b in &bodies {
         wire.extend_from_slice(&encode_frame(CMD_ECHO, b));
     }
-    let half = wire.len() - (HEADER_LEN + 256 * 1024) / 2;
-    let (tx, rx) = mpsc::channel::<()>();
     let mut w = c.try_clone().unwrap();
-    let writer = thread::spawn(move || {
-        w.write_all(&wire[..half]).unwrap();
-        rx.recv().unwrap();
-        w.write_all(&wire[half..]).unwrap();
-    });
+    let writer = thread::spawn(move || w.write_all(&wire).unwrap());
     thread::sleep(Duration::from_secs(4));
+    let v = stats(&mut connect(addr));
     let mut r = BufReader::new(c.try_clone().unwrap());
     for (i, b) in bodies.iter().enumerate() {
-        if i == 20 {
-            tx.send(()).unwrap();
-        }
         let (cmd, got) = read_frame_from(&mut r).expect("an echo");
         assert_eq!(
             cmd,
             CMD_ECHO,
             "echo {i}: {:?}",
-            String::from_utf8_lossy(&got[..got.len().min(64)])
+            String::from_utf8_lossy(&got[..got.len().min(80)])
         );
         assert_frame_body_eq(&got, b, &format!("echo {i}"));
     }
     writer.join().unwrap();
+    eprintln!(
+        "[hostile_budget] held by backpressure: after 4 s unread, server frames_in {} of {n}, \
+         send queue {} bytes",
+        stat_u64(&v, "frames_in"),
+        stat_u64(&v, "send_queue_bytes")
+    );
+    assert!(
+        stat_u64(&v, "frames_in") < n,
+        "the server was not holding the client back: {v}"
+    );
     let v = stats(&mut c);
     assert_eq!(closed(&v, "frame_timeout"), 0, "{v}");
     drop((c, r));
-    srv.stop_checked(1);
+    srv.stop_checked(2);
 }
 
 // ---------------------------------------------------------------------------
