@@ -317,6 +317,7 @@ impl ConnState {
     fn abort_queue(&mut self, shared: &Shared) {
         self.draining = false;
         self.linger = false;
+        self.front_mid_frame = false;
         let mut dropped = 0;
         for c in self.sendq.drain(..) {
             dropped += c.memory();
@@ -421,7 +422,7 @@ impl ConnState {
         self.trim_inflight =
             self.send_op.is_some() && self.file_inflight.is_none() && !file_in_front;
         let mut dropped = 0;
-        for c in self.sendq.drain(keep..) {
+        for c in self.sendq.drain(keep.min(self.sendq.len())..) {
             dropped += c.memory();
             if let Chunk::File { .. } = c {
                 self.files_queued -= 1;
