@@ -80,6 +80,19 @@ pub(crate) struct ServerArgs {
     /// Close connections that send nothing for this long, with ERROR 6 (0: never).
     #[arg(long, value_name = "DUR", value_parser = parse_duration, default_value = "60s")]
     idle_timeout: Duration,
+    /// A frame begun must be complete within this, plus 1 s per KiB of it
+    /// received (a peer sending at 1 KiB/s or faster is never cut); else
+    /// ERROR 6 and close (0: never). A byte now and then does not keep a slot.
+    #[arg(long, value_name = "DUR", value_parser = parse_duration, default_value = "10s")]
+    frame_timeout: Duration,
+    /// BROADCASTs a second one connection may make, after --broadcast-burst;
+    /// over it the connection is not read until its budget refills (0: no limit).
+    #[arg(long, value_name = "N", default_value_t = cport::server::DEFAULT_BROADCAST_RATE)]
+    max_broadcast_rate: u32,
+    /// BROADCASTs one connection may make at once before --max-broadcast-rate applies.
+    #[arg(long, value_name = "N", default_value_t = cport::server::DEFAULT_BROADCAST_RATE,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    broadcast_burst: u32,
     /// TCP keepalive idle time (SO_KEEPALIVE, TCP_KEEPIDLE/INTVL/CNT, TCP_USER_TIMEOUT; 0: off).
     #[arg(long, value_name = "DUR", value_parser = parse_duration, default_value = "30s")]
     keepalive: Duration,
@@ -173,6 +186,9 @@ pub(crate) fn run(a: ServerArgs) -> anyhow::Result<i32> {
         // (docs/DESIGN.md): at most 512 KiB unsent in each socket.
         notsent_lowat: a.files.is_some().then_some(512 << 10),
         idle_timeout: (!a.idle_timeout.is_zero()).then_some(a.idle_timeout),
+        frame_timeout: (!a.frame_timeout.is_zero()).then_some(a.frame_timeout),
+        max_broadcast_rate: a.max_broadcast_rate,
+        broadcast_burst: a.broadcast_burst,
         keepalive: (!a.keepalive.is_zero()).then_some(a.keepalive.max(Duration::from_secs(1))),
         max_queued_total: a.max_queued_total as usize,
         file_copy_below: match a.file_send {

@@ -35,6 +35,7 @@ pub fn engine_config(backend: BackendKind) -> EngineConfig {
         ports: 1,
         max_frame: u32::MAX,
         idle_timeout: None,
+        frame_timeout: None,
         ..EngineConfig::default()
     };
     cfg.port.backend = backend;

@@ -15,7 +15,7 @@ use std::collections::VecDeque;
 use std::fs::File;
 use std::io;
 use std::net::{Shutdown, SocketAddr};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use std::time::Instant;
@@ -35,8 +35,9 @@ pub(crate) const INTERNAL_TIMER: u64 = u64::MAX - 16;
 const LINGER_TIMER: u64 = u64::MAX - 1;
 /// Internal timer: retry a receive that found the buffer pool empty.
 const RECV_RETRY_TIMER: u64 = u64::MAX - 2;
-/// Internal timer: check whether the connection has been idle too long.
-const IDLE_TIMER: u64 = u64::MAX - 3;
+/// Internal timer: check whether the connection has been idle too long, or
+/// a frame under way is past its deadline.
+const CHECK_TIMER: u64 = u64::MAX - 3;
 /// Internal timer: a closing connection took too long to flush.
 const FLUSH_TIMER: u64 = u64::MAX - 4;
 /// Internal timer: check whether a file reply has stalled.
@@ -46,12 +47,23 @@ const FILE_STALL_TIMER: u64 = u64::MAX - 5;
 /// clients that never read cannot keep every place, and FILE, from the
 /// others.
 const FILE_STALL: Duration = Duration::from_secs(3);
+/// Internal timer: a connection held back after broadcasting looks whether
+/// it may be read again.
+const BROADCAST_TIMER: u64 = u64::MAX - 6;
 /// Posted value: the connection's inbox has something.
 pub(crate) const INBOX_POST: u64 = u64::MAX;
 /// Posted value: close the connection (from `EngineRef::close`).
 pub(crate) const CLOSE_POST: u64 = u64::MAX - 1;
 /// Posted value: a file reply place was freed for this waiting connection.
 pub(crate) const FILE_WAKE_POST: u64 = u64::MAX - 2;
+/// Posted value: a broadcaster waited too long on this connection's
+/// backlog; drop it as a slow consumer if it is still behind.
+pub(crate) const SLOW_POST: u64 = u64::MAX - 3;
+/// How long a broadcaster is held back by recipients over half their send
+/// queue limit; those still over it then are dropped as slow consumers.
+const BROADCAST_STALL: Duration = Duration::from_secs(2);
+/// How often a broadcaster held back by backlogged recipients looks again.
+const BROADCAST_RECHECK: Duration = Duration::from_millis(10);
 /// A broadcast recipient with more than this queued is dropped when the
 /// engine is over its total queue cap.
 const BACKLOG_WHEN_OVER_CAP: usize = 64 * 1024;
@@ -110,7 +122,19 @@ pub(crate) struct Conn {
     pub(crate) inbox: Mutex<Vec<Bytes>>,
     /// The inbox has frames and a wake-up was posted (or is being handled).
     pub(crate) inbox_pending: AtomicBool,
+    /// What other connections' broadcasts read without taking the lock.
+    pub(crate) hint: Arc<ConnHint>,
     pub(crate) st: Mutex<ConnState>,
+}
+
+/// A connection's state that broadcasters read without its lock.
+#[derive(Debug, Default)]
+pub(crate) struct ConnHint {
+    /// Bytes waiting to be sent to the connection: in its inbox and in its
+    /// send queue.
+    pub(crate) backlog: AtomicUsize,
+    /// The connection is closing (its backlog holds no one back).
+    pub(crate) closing: AtomicBool,
 }
 
 /// The mutable part of a connection.
@@ -169,15 +193,40 @@ pub(crate) struct ConnState {
     bytes_in: u64,
     bytes_out: u64,
     pub(crate) user: Option<Box<dyn Any + Send>>,
+    hint: Arc<ConnHint>,
+    /// The idle/frame check timer, when armed (its key holds its due time).
+    check_key: Option<TimerKey>,
+    /// When the frame under way began (its first byte arrived), if one is.
+    frame_started: Option<Instant>,
+    /// Bytes of the frame under way received so far.
+    frame_bytes: u64,
+    /// Broadcasts this connection may make now (a token bucket).
+    bcast_tokens: f64,
+    bcast_refilled: Instant,
+    /// Not read until its broadcast budget refills or the recipients it
+    /// fed catch up.
+    bcast_hold: bool,
+    /// Since when recipients over half their queue limit hold it back.
+    bcast_congested: Option<Instant>,
+    /// A `BROADCAST_TIMER` is armed.
+    bcast_timer: bool,
+    /// The front of `sendq` is the rest of a frame partly sent.
+    front_mid_frame: bool,
+    /// The send in flight begins with the rest of a frame partly sent.
+    inflight_mid_frame: bool,
+    /// Dropped as a slow consumer while a send was in flight: when it
+    /// completes, keep only the rest of a frame it left partly sent.
+    trim_inflight: bool,
 }
 
 impl ConnState {
-    pub(crate) fn new(max_frame: u32, connecting: bool) -> ConnState {
+    pub(crate) fn new(shared: &Shared, hint: Arc<ConnHint>, connecting: bool) -> ConnState {
+        let now = Instant::now();
         ConnState {
             connecting,
             was_open: false,
             admitted: false,
-            decoder: Decoder::new(max_frame),
+            decoder: Decoder::new(shared.max_frame),
             sendq: VecDeque::new(),
             file_inflight: None,
             files_queued: 0,
@@ -200,11 +249,23 @@ impl ConnState {
             linger: false,
             shut: false,
             finalized: false,
-            last_activity: Instant::now(),
+            last_activity: now,
             flush_deadline: false,
             bytes_in: 0,
             bytes_out: 0,
             user: None,
+            hint,
+            check_key: None,
+            frame_started: None,
+            frame_bytes: 0,
+            bcast_tokens: shared.broadcast_burst as f64,
+            bcast_refilled: now,
+            bcast_hold: false,
+            bcast_congested: None,
+            bcast_timer: false,
+            front_mid_frame: false,
+            inflight_mid_frame: false,
+            trim_inflight: false,
         }
     }
 
@@ -217,6 +278,7 @@ impl ConnState {
             return;
         }
         self.queued += bytes.len();
+        self.hint.backlog.fetch_add(bytes.len(), Ordering::Relaxed);
         shared
             .queued_total
             .fetch_add(bytes.len(), Ordering::Relaxed);
@@ -255,13 +317,17 @@ impl ConnState {
     /// its send queue is over the limit, a file reply is in progress, or a
     /// request waits for a file reply place.
     fn must_hold(&self, shared: &Shared) -> bool {
-        self.queued > shared.max_send_queue || self.files_queued > 0 || self.file_wait
+        self.queued > shared.max_send_queue
+            || self.files_queued > 0
+            || self.file_wait
+            || self.bcast_hold
     }
 
     /// Forgets `n` queued bytes that will never be sent (or were sent).
     fn unqueue(&mut self, shared: &Shared, n: usize) {
         let n = n.min(self.queued);
         self.queued -= n;
+        self.hint.backlog.fetch_sub(n, Ordering::Relaxed);
         shared.queued_total.fetch_sub(n, Ordering::Relaxed);
     }
 
@@ -274,6 +340,7 @@ impl ConnState {
         mode: CloseMode,
         error: Option<String>,
     ) {
+        self.hint.closing.store(true, Ordering::Relaxed);
         match (&self.closing, mode) {
             (None, CloseMode::Flush { linger }) => {
                 self.closing = Some((reason, error));
@@ -294,6 +361,7 @@ impl ConnState {
     fn abort_queue(&mut self, shared: &Shared) {
         self.draining = false;
         self.linger = false;
+        self.front_mid_frame = false;
         let mut dropped = 0;
         let mut files = 0;
         for c in self.sendq.drain(..) {
@@ -330,6 +398,183 @@ impl ConnState {
             None => false,
         }
     }
+
+    /// Whether the engine is not reading this connection now, for reasons
+    /// of its own (its replies are not read, the engine is over its queue
+    /// cap, its broadcast budget is spent): a frame under way is then not
+    /// the peer's to finish.
+    fn not_read(&self, shared: &Shared) -> bool {
+        self.paused
+            || self.retry_wait
+            || self.must_hold(shared)
+            || (self.queued > 0
+                && shared.queued_total.load(Ordering::Relaxed) > shared.max_queued_total)
+    }
+
+    /// When the frame under way must be complete, if one is.
+    fn frame_deadline(&self, shared: &Shared) -> Option<Instant> {
+        let (limit, start) = (shared.frame_timeout?, self.frame_started?);
+        let earned = match shared.frame_min_rate {
+            0 => Duration::ZERO,
+            rate => Duration::from_secs_f64(self.frame_bytes as f64 / rate as f64),
+        };
+        Some(start + limit + earned)
+    }
+
+    /// Keeps track of the frame under way after `arrived` bytes came in
+    /// and `decoded` frames were handled; `restart` starts its deadline
+    /// afresh (the engine held the connection until now).
+    fn frame_progress(
+        &mut self,
+        shared: &Shared,
+        conn: &Conn,
+        decoded: usize,
+        arrived: usize,
+        restart: bool,
+    ) {
+        if shared.frame_timeout.is_none() {
+            return;
+        }
+        if self.decoder.buffered() == 0 {
+            self.frame_started = None;
+            return;
+        }
+        if decoded > 0 || restart || self.frame_started.is_none() {
+            // A frame began in what arrived (or the clock starts again).
+            self.frame_started = Some(Instant::now());
+            self.frame_bytes = self.decoder.buffered() as u64;
+            arm_check(shared, conn, self);
+        } else {
+            self.frame_bytes += arrived as u64;
+        }
+    }
+
+    /// Drops what is queued and not yet begun, keeping the rest of a frame
+    /// partly sent (so the stream stays whole frames), and queues ERROR 7
+    /// after it; the connection then closes once that is sent. Bytes of a
+    /// send in flight that the kernel has not taken are trimmed the same
+    /// way when it completes.
+    fn drop_as_slow_consumer(&mut self, shared: &Shared) {
+        shared.stats.error_sent(frame::code::SLOW_CONSUMER);
+        let mut keep = 0;
+        let file_in_front = matches!(self.sendq.front(), Some(Chunk::File { .. }));
+        if self.front_mid_frame || file_in_front {
+            keep = 1;
+            // A frame header, then its file.
+            if !file_in_front && matches!(self.sendq.get(1), Some(Chunk::File { .. })) {
+                keep = 2;
+            }
+        }
+        // A file at the front follows a header that is sent or in flight:
+        // the send in flight is then left whole.
+        self.trim_inflight =
+            self.send_op.is_some() && self.file_inflight.is_none() && !file_in_front;
+        let mut dropped = 0;
+        for c in self.sendq.drain(keep.min(self.sendq.len())..) {
+            dropped += c.memory();
+            if let Chunk::File { .. } = c {
+                self.files_queued -= 1;
+            }
+        }
+        self.unqueue(shared, dropped);
+        self.enqueue(
+            shared,
+            frame::error_frame(
+                frame::code::SLOW_CONSUMER,
+                "slow consumer: send queue over its limit",
+            )
+            .into_wire(),
+        );
+        self.close(
+            shared,
+            CloseReason::SlowConsumer,
+            CloseMode::Flush { linger: false },
+            None,
+        );
+    }
+
+    /// Adds what the broadcast budget earned since it was last looked at.
+    fn refill(&mut self, shared: &Shared, now: Instant) {
+        let rate = shared.max_broadcast_rate as f64;
+        let earned = now.duration_since(self.bcast_refilled).as_secs_f64() * rate;
+        self.bcast_tokens = (self.bcast_tokens + earned).min(shared.broadcast_burst as f64);
+        self.bcast_refilled = now;
+    }
+
+    /// Tokens the budget must hold before a held connection is read again:
+    /// a twentieth of a second's worth, so that a sender at its limit is
+    /// paused and resumed at most twenty times a second.
+    fn resume_tokens(shared: &Shared) -> f64 {
+        (shared.max_broadcast_rate as f64 / 20.0).clamp(1.0, shared.broadcast_burst as f64)
+    }
+
+    /// This connection broadcast a message; `congested`: a recipient has
+    /// over half its send queue limit waiting. Holds the connection (it is
+    /// not read) while its budget is spent or until the recipients catch
+    /// up: backpressure on the sender rather than dropping the recipients.
+    pub(crate) fn broadcast_made(&mut self, shared: &Shared, conn: &Conn, congested: bool) {
+        let now = Instant::now();
+        if shared.max_broadcast_rate > 0 {
+            self.refill(shared, now);
+            self.bcast_tokens -= 1.0;
+            if self.bcast_tokens < 1.0 {
+                self.bcast_hold = true;
+            }
+        }
+        if congested {
+            self.bcast_congested.get_or_insert(now);
+            self.bcast_hold = true;
+        } else {
+            self.bcast_congested = None;
+        }
+        if self.bcast_hold {
+            self.arm_broadcast_timer(shared, conn);
+        }
+    }
+
+    fn arm_broadcast_timer(&mut self, shared: &Shared, conn: &Conn) {
+        if self.bcast_timer {
+            return;
+        }
+        let after = if self.bcast_congested.is_some() {
+            BROADCAST_RECHECK
+        } else {
+            let need = Self::resume_tokens(shared) - self.bcast_tokens;
+            Duration::from_secs_f64(need.max(0.0) / shared.max_broadcast_rate.max(1) as f64)
+        };
+        self.bcast_timer = true;
+        let _ = self.set_timer(conn, shared, after, BROADCAST_TIMER);
+    }
+
+    /// A held broadcaster looks whether it may be read again.
+    fn broadcast_recheck(&mut self, shared: &Shared, conn: &Conn) {
+        self.bcast_timer = false;
+        if !self.bcast_hold {
+            return;
+        }
+        let now = Instant::now();
+        if let Some(since) = self.bcast_congested {
+            let soft = shared.max_send_queue / 2;
+            if now.duration_since(since) >= BROADCAST_STALL {
+                // Still behind after all this time: those are slow
+                // consumers, not readers catching up.
+                let n = shared.backlogged(soft, true);
+                tracing::debug!(conn = %conn.id, recipients = n, "broadcaster waited too long on slow recipients");
+                self.bcast_congested = None;
+            } else if shared.backlogged(soft / 2, false) == 0 {
+                self.bcast_congested = None;
+            }
+        }
+        let budget_ok = shared.max_broadcast_rate == 0 || {
+            self.refill(shared, now);
+            self.bcast_tokens >= Self::resume_tokens(shared)
+        };
+        if budget_ok && self.bcast_congested.is_none() {
+            self.bcast_hold = false;
+        } else {
+            self.arm_broadcast_timer(shared, conn);
+        }
+    }
 }
 
 /// Handles bytes received on an open connection.
@@ -347,7 +592,8 @@ pub(crate) fn on_received(shared: &Shared, conn: &Conn, st: &mut ConnState, data
         }
         Protocol::Framed => {
             st.decoder.feed(data);
-            decode_frames(shared, conn, st);
+            let n = decode_frames(shared, conn, st);
+            st.frame_progress(shared, conn, n, data.len(), false);
         }
     }
 }
@@ -425,11 +671,13 @@ pub(crate) fn progress(shared: &Shared, conn: &Conn, st: &mut ConnState) {
     if conn.inbox_pending.swap(false, Ordering::AcqRel) {
         let frames = std::mem::take(&mut *conn.inbox.lock().unwrap_or_else(|e| e.into_inner()));
         for f in frames {
+            st.hint.backlog.fetch_sub(f.len(), Ordering::Relaxed);
             deliver_inbox(shared, st, f);
         }
     }
     // Sending.
     if st.send_op.is_none() && !st.sendq.is_empty() && !st.shut && !st.connecting {
+        st.inflight_mid_frame = std::mem::take(&mut st.front_mid_frame);
         let op = match st.sendq.pop_front() {
             Some(Chunk::File { file, offset, len }) => {
                 st.file_inflight = Some((file.clone(), offset, len));
@@ -481,8 +729,13 @@ pub(crate) fn progress(shared: &Shared, conn: &Conn, st: &mut ConnState) {
     } else if st.paused && !st.must_hold(shared) && st.queued <= limit / 2 {
         st.paused = false;
         // Requests that arrived before the pause come first.
-        if shared.protocol == Protocol::Framed && decode_frames(shared, conn, st) > 0 {
-            return progress(shared, conn, st);
+        if shared.protocol == Protocol::Framed {
+            let n = decode_frames(shared, conn, st);
+            // The time held was not the peer's: its frame's clock restarts.
+            st.frame_progress(shared, conn, n, 0, true);
+            if n > 0 {
+                return progress(shared, conn, st);
+            }
         }
     }
     if st.files_queued > 0 && !st.file_stall_armed && st.closing.is_none() {
@@ -677,13 +930,19 @@ pub(crate) fn on_sent(
                 st.last_activity = Instant::now();
             }
             st.unqueue(shared, n);
-            // Put back what the kernel did not take, in order.
+            // Put back what the kernel did not take, in order. The first
+            // buffer put back is the rest of a frame begun if the kernel
+            // took part of it, or if it already was one.
             let mut skip = n;
             let mut rest: Vec<Bytes> = Vec::new();
-            for mut b in bufs {
+            let mut mid_frame = false;
+            for (i, mut b) in bufs.into_iter().enumerate() {
                 if skip >= b.len() {
                     skip -= b.len();
                     continue;
+                }
+                if rest.is_empty() {
+                    mid_frame = skip > 0 || (i == 0 && st.inflight_mid_frame);
                 }
                 if skip > 0 {
                     b = b.slice(skip..);
@@ -691,16 +950,26 @@ pub(crate) fn on_sent(
                 }
                 rest.push(b);
             }
+            if std::mem::take(&mut st.trim_inflight) {
+                // Dropped as a slow consumer meanwhile: of what the kernel
+                // did not take, only the rest of a frame begun goes before
+                // the ERROR frame.
+                let keep = usize::from(mid_frame);
+                let dropped: usize = rest.drain(keep.min(rest.len())..).map(|b| b.len()).sum();
+                st.unqueue(shared, dropped);
+            }
             if st.shut || (st.closing.is_some() && !st.draining) {
                 let dropped: usize = rest.iter().map(|b| b.len()).sum();
                 st.unqueue(shared, dropped);
                 return;
             }
+            st.front_mid_frame = mid_frame && !rest.is_empty();
             for b in rest.into_iter().rev() {
                 st.sendq.push_front(Chunk::Bytes(b));
             }
         }
         Err(e) => {
+            st.trim_inflight = false;
             let dropped: usize = bufs.iter().map(|b| b.len()).sum();
             st.unqueue(shared, dropped);
             let reason = CloseReason::from_error(&e);
@@ -784,22 +1053,7 @@ fn deliver_inbox(shared: &Shared, st: &mut ConnState, frame: Bytes) {
             queued_total = shared.queued_total.load(Ordering::Relaxed),
             "slow consumer dropped"
         );
-        shared.stats.error_sent(frame::code::SLOW_CONSUMER);
-        st.abort_queue(shared);
-        st.enqueue(
-            shared,
-            frame::error_frame(
-                frame::code::SLOW_CONSUMER,
-                "slow consumer: send queue over its limit",
-            )
-            .into_wire(),
-        );
-        st.close(
-            shared,
-            CloseReason::SlowConsumer,
-            CloseMode::Flush { linger: false },
-            None,
-        );
+        st.drop_as_slow_consumer(shared);
         return;
     }
     shared.stats.wire_out(&frame);
@@ -858,11 +1112,59 @@ pub(crate) fn on_recv_done(
     }
 }
 
-/// Arms the idle check of a newly opened connection.
-pub(crate) fn start_idle_timer(shared: &Shared, conn: &Conn, st: &mut ConnState) {
-    if let Some(t) = shared.idle_timeout {
-        st.last_activity = Instant::now();
-        let _ = st.set_timer(conn, shared, t, IDLE_TIMER);
+/// A broadcaster gave up waiting on this connection's backlog: drop it as
+/// a slow consumer if it is still over half its send queue limit.
+pub(crate) fn slow_consumer_check(shared: &Shared, st: &mut ConnState) {
+    let backlog = st.hint.backlog.load(Ordering::Relaxed);
+    if st.closing.is_some() || backlog <= shared.max_send_queue / 2 {
+        return;
+    }
+    tracing::info!(
+        queued = st.queued,
+        backlog,
+        limit = shared.max_send_queue,
+        "slow consumer dropped: held a broadcaster back for {}s",
+        BROADCAST_STALL.as_secs_f64()
+    );
+    st.drop_as_slow_consumer(shared);
+}
+
+/// Arms the idle and frame checks of a newly opened connection.
+pub(crate) fn start_check_timer(shared: &Shared, conn: &Conn, st: &mut ConnState) {
+    st.last_activity = Instant::now();
+    arm_check(shared, conn, st);
+}
+
+/// When the check timer must fire: the idle deadline or the deadline of
+/// the frame under way, whichever is first.
+fn check_due(shared: &Shared, st: &ConnState) -> Option<Instant> {
+    let idle = shared.idle_timeout.map(|t| st.last_activity + t);
+    match (idle, st.frame_deadline(shared)) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// Arms the connection's one check timer for when it is next due, unless
+/// it is armed for that time or earlier: activity only moves deadlines
+/// later, so the timer fires early and re-arms itself for the rest. Only a
+/// frame beginning can bring the due time forward, and then the timer is
+/// moved (still one entry per connection).
+fn arm_check(shared: &Shared, conn: &Conn, st: &mut ConnState) {
+    let Some(due) = check_due(shared, st) else {
+        return;
+    };
+    if let Some(key) = st.check_key {
+        if key.0 <= due {
+            return;
+        }
+        shared.cancel_timer(conn.id, key);
+        st.take_timer(key);
+        st.check_key = None;
+    }
+    let after = due.saturating_duration_since(Instant::now());
+    if st.set_timer(conn, shared, after, CHECK_TIMER).is_ok() {
+        st.check_key = st.timers.last().copied();
     }
 }
 
@@ -903,17 +1205,42 @@ pub(crate) fn on_internal_timer(shared: &Shared, conn: &Conn, st: &mut ConnState
             tracing::debug!(conn = %conn.id, "flush timed out; aborting");
             st.close(shared, CloseReason::Local, CloseMode::Abort, None);
         }
-        IDLE_TIMER => {
-            let Some(limit) = shared.idle_timeout else {
-                return;
-            };
+        BROADCAST_TIMER => st.broadcast_recheck(shared, conn),
+        CHECK_TIMER => {
+            st.check_key = None;
             if st.closing.is_some() {
                 return;
             }
             // One timer per connection, re-armed lazily: activity only
             // moves `last_activity`, and the timer checks it when it fires.
-            let idle = st.last_activity.elapsed();
-            if idle >= limit {
+            let now = Instant::now();
+            if let Some(deadline) = st.frame_deadline(shared)
+                && deadline <= now
+            {
+                if st.not_read(shared) {
+                    // Held by the engine, not slow: the clock restarts.
+                    st.frame_started = Some(now);
+                    st.frame_bytes = 0;
+                } else {
+                    let began = st.frame_started.map_or(0.0, |t| (now - t).as_secs_f64());
+                    let message = format!(
+                        "frame timeout: a frame begun {began:.1}s ago is still incomplete \
+                         ({} bytes received)",
+                        st.frame_bytes
+                    );
+                    tracing::debug!(conn = %conn.id, peer = ?conn.peer, "{message}");
+                    let mut ctx = Ctx { conn, st, shared };
+                    ctx.send_error_as(
+                        frame::code::IDLE_TIMEOUT,
+                        &message,
+                        CloseReason::FrameTimeout,
+                    );
+                    return;
+                }
+            }
+            if let Some(limit) = shared.idle_timeout
+                && now.duration_since(st.last_activity) >= limit
+            {
                 let mut ctx = Ctx { conn, st, shared };
                 ctx.send_error(
                     frame::code::IDLE_TIMEOUT,
@@ -922,9 +1249,9 @@ pub(crate) fn on_internal_timer(shared: &Shared, conn: &Conn, st: &mut ConnState
                         limit.as_secs_f64()
                     ),
                 );
-            } else {
-                let _ = st.set_timer(conn, shared, limit - idle, IDLE_TIMER);
+                return;
             }
+            arm_check(shared, conn, st);
         }
         _ => {}
     }

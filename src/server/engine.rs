@@ -21,7 +21,8 @@ use crate::frame;
 use crate::op::{Completion, Op, OpId, Outcome};
 use crate::port::{CompletionPort, PortConfig};
 use crate::server::conn::{
-    self, CLOSE_POST, CloseMode, Conn, ConnState, FILE_WAKE_POST, INBOX_POST, INTERNAL_TIMER,
+    self, CLOSE_POST, CloseMode, Conn, ConnHint, ConnState, FILE_WAKE_POST, INBOX_POST,
+    INTERNAL_TIMER, SLOW_POST,
 };
 use crate::server::handler::{Ctx, Handler};
 use crate::server::stats::{self, CloseReason, Observer, Stats, StatsSnapshot};
@@ -69,6 +70,21 @@ pub struct EngineConfig {
     /// A connection that sends nothing for this long gets ERROR 6 and is
     /// closed (`None`: never).
     pub idle_timeout: Option<Duration>,
+    /// A frame that has begun (framed protocol) must be complete within
+    /// this, plus one second per `frame_min_rate` bytes of it received so
+    /// far, or the connection gets ERROR 6 and is closed (`None`: never).
+    /// Time the engine itself is not reading the connection does not count.
+    pub frame_timeout: Option<Duration>,
+    /// Bytes per second a frame under way earns beyond `frame_timeout`
+    /// (0: a flat deadline).
+    pub frame_min_rate: u32,
+    /// BROADCASTs per second one connection may make, beyond
+    /// `broadcast_burst`; over it the connection is not read until its
+    /// budget refills (0: no limit).
+    pub max_broadcast_rate: u32,
+    /// Broadcasts a connection may make at once before `max_broadcast_rate`
+    /// applies.
+    pub broadcast_burst: u32,
     /// TCP keepalive idle time for every connection (`None`: off).
     pub keepalive: Option<Duration>,
     /// Cap on bytes queued for sending over all connections; over it,
@@ -111,6 +127,10 @@ impl Default for EngineConfig {
             linger: Duration::from_secs(1),
             flush_timeout: Duration::from_secs(5),
             idle_timeout: Some(Duration::from_secs(60)),
+            frame_timeout: Some(DEFAULT_FRAME_TIMEOUT),
+            frame_min_rate: DEFAULT_FRAME_MIN_RATE,
+            max_broadcast_rate: DEFAULT_BROADCAST_RATE,
+            broadcast_burst: DEFAULT_BROADCAST_RATE,
             keepalive: Some(Duration::from_secs(30)),
             max_queued_total: 1 << 30,
             file_copy_below: usize::MAX,
@@ -202,6 +222,10 @@ pub(crate) struct Shared {
     pub(crate) linger: Duration,
     pub(crate) flush_timeout: Duration,
     pub(crate) idle_timeout: Option<Duration>,
+    pub(crate) frame_timeout: Option<Duration>,
+    pub(crate) frame_min_rate: u32,
+    pub(crate) max_broadcast_rate: u32,
+    pub(crate) broadcast_burst: u32,
     keepalive: Option<Duration>,
     pub(crate) max_queued_total: usize,
     /// File segments shorter than this are read and sent; longer ones go
@@ -249,6 +273,17 @@ impl fmt::Debug for Engine {
 /// With `--file-send auto`, below this size a file is read and sent rather
 /// than spliced (see docs/DESIGN.md for the measurement behind it).
 pub const DEFAULT_FILE_COPY_BELOW: usize = 1 << 20;
+
+/// Default [`EngineConfig::frame_timeout`]: a frame begun must be complete
+/// within 10 s plus a second per KiB received (docs/DESIGN.md).
+pub const DEFAULT_FRAME_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Default [`EngineConfig::frame_min_rate`]: 1 KiB/s.
+pub const DEFAULT_FRAME_MIN_RATE: u32 = 1024;
+
+/// Default [`EngineConfig::max_broadcast_rate`] (and burst): 1,000
+/// broadcasts a second per connection.
+pub const DEFAULT_BROADCAST_RATE: u32 = 1000;
 
 /// The largest value [`EngineRef::post`] carries; the values above are the
 /// engine's own.
@@ -385,6 +420,10 @@ impl Engine {
             linger: cfg.linger,
             flush_timeout: cfg.flush_timeout,
             idle_timeout: cfg.idle_timeout,
+            frame_timeout: cfg.frame_timeout,
+            frame_min_rate: cfg.frame_min_rate,
+            max_broadcast_rate: cfg.max_broadcast_rate,
+            broadcast_burst: cfg.broadcast_burst.max(1),
             keepalive: cfg.keepalive,
             max_queued_total: cfg.max_queued_total,
             file_copy_below: cfg.file_copy_below,
@@ -712,6 +751,7 @@ impl Shared {
         let Some(conn) = self.lookup(id) else {
             return false;
         };
+        conn.hint.backlog.fetch_add(bytes.len(), Ordering::Relaxed);
         conn.inbox
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -724,13 +764,20 @@ impl Shared {
 
     /// Puts one shared frame in every connection's inbox and wakes each
     /// recipient's worker. Safe from inside any callback: inbox locks are
-    /// leaves. Returns the number of recipients.
-    pub(crate) fn broadcast(&self, frame: bytes::Bytes) -> usize {
+    /// leaves. Returns the number of recipients, and whether one of them
+    /// (not closing) has more than half its send queue limit waiting: the
+    /// sender is then held back until it drains (see
+    /// [`ConnState::broadcast_made`]).
+    pub(crate) fn broadcast(&self, frame: bytes::Bytes) -> (usize, bool) {
         let mut n = 0;
+        let mut congested = false;
+        let soft = self.max_send_queue / 2;
         for (p, pc) in self.ports.iter().enumerate() {
             let conns = self.lock_conns(p);
             for (_, slot) in conns.iter() {
                 let c = &slot.conn;
+                let before = c.hint.backlog.fetch_add(frame.len(), Ordering::Relaxed);
+                congested |= before > soft && !c.hint.closing.load(Ordering::Relaxed);
                 c.inbox
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
@@ -739,6 +786,26 @@ impl Shared {
                     pc.port.post(c.id.key(), INBOX_POST);
                 }
                 n += 1;
+            }
+        }
+        (n, congested)
+    }
+
+    /// Connections not closing with more than `over` bytes waiting to be
+    /// sent to them. With `drop`, each of those over `over` is also told to
+    /// drop itself as a slow consumer if it still is one when it looks.
+    pub(crate) fn backlogged(&self, over: usize, drop: bool) -> usize {
+        let mut n = 0;
+        for (p, pc) in self.ports.iter().enumerate() {
+            let conns = self.lock_conns(p);
+            for (_, slot) in conns.iter() {
+                let h: &ConnHint = &slot.conn.hint;
+                if h.backlog.load(Ordering::Relaxed) > over && !h.closing.load(Ordering::Relaxed) {
+                    n += 1;
+                    if drop {
+                        pc.port.post(slot.conn.id.key(), SLOW_POST);
+                    }
+                }
             }
         }
         n
@@ -965,6 +1032,7 @@ impl Shared {
             crate::op::Sock::Os(Arc::new(socket))
         };
         let generation = self.ports[p].next_gen.fetch_add(1, Ordering::Relaxed) & GEN_MASK;
+        let hint = Arc::new(ConnHint::default());
         let mut conns = self.lock_conns(p);
         let entry = conns.vacant_entry();
         let id = ConnId::new(p, generation, entry.key());
@@ -976,7 +1044,8 @@ impl Shared {
             accepted,
             inbox: Mutex::new(Vec::new()),
             inbox_pending: AtomicBool::new(false),
-            st: Mutex::new(ConnState::new(self.max_frame, connecting)),
+            hint: hint.clone(),
+            st: Mutex::new(ConnState::new(self, hint, connecting)),
         });
         entry.insert(Slot { conn: conn.clone() });
         Ok(conn)
@@ -1198,7 +1267,7 @@ impl Shared {
         } else {
             let h = self.handler.clone();
             h.on_open(&mut ctx);
-            conn::start_idle_timer(self, &conn, &mut st);
+            conn::start_check_timer(self, &conn, &mut st);
         }
         conn::progress(self, &conn, &mut st);
     }
@@ -1236,7 +1305,7 @@ impl Shared {
                         st.was_open = true;
                         self.admitted.fetch_add(1, Ordering::AcqRel);
                         st.admitted = true;
-                        conn::start_idle_timer(self, &conn, &mut st);
+                        conn::start_check_timer(self, &conn, &mut st);
                         let h = self.handler.clone();
                         h.on_open(&mut Ctx {
                             conn: &conn,
@@ -1255,6 +1324,7 @@ impl Shared {
             }
             Outcome::Posted(INBOX_POST) => {} // `progress` drains the inbox
             Outcome::Posted(FILE_WAKE_POST) => conn::on_file_wake(self, &mut st),
+            Outcome::Posted(SLOW_POST) => conn::slow_consumer_check(self, &mut st),
             Outcome::Posted(CLOSE_POST) => st.close(
                 self,
                 CloseReason::Local,

@@ -207,6 +207,19 @@ impl Ctx<'_> {
     /// has been sent. Other codes, including a service's own, leave the
     /// connection open.
     pub fn send_error(&mut self, code: u32, message: &str) {
+        let reason = match code {
+            frame::code::FRAME_TOO_LARGE => CloseReason::FrameTooLarge,
+            frame::code::BUSY => CloseReason::Busy,
+            frame::code::IDLE_TIMEOUT => CloseReason::IdleTimeout,
+            frame::code::SLOW_CONSUMER => CloseReason::SlowConsumer,
+            _ => CloseReason::Local,
+        };
+        self.send_error_as(code, message, reason);
+    }
+
+    /// Like [`send_error`](Self::send_error), counting a close for a fatal
+    /// code as `reason`.
+    pub(crate) fn send_error_as(&mut self, code: u32, message: &str, reason: CloseReason) {
         self.shared.stats.error_sent(code);
         self.shared.stats.event_error(
             Some(self.conn.id),
@@ -216,13 +229,6 @@ impl Ctx<'_> {
         );
         self.send_frame(frame::error_frame(code, message));
         if frame::code::is_fatal(code) {
-            let reason = match code {
-                frame::code::FRAME_TOO_LARGE => CloseReason::FrameTooLarge,
-                frame::code::BUSY => CloseReason::Busy,
-                frame::code::IDLE_TIMEOUT => CloseReason::IdleTimeout,
-                frame::code::SLOW_CONSUMER => CloseReason::SlowConsumer,
-                _ => CloseReason::Local,
-            };
             self.st
                 .close(self.shared, reason, CloseMode::Flush { linger: true }, None);
         }
@@ -265,12 +271,22 @@ impl Ctx<'_> {
     /// included. The frame is built once and shared by every recipient's
     /// queue, never copied per client. Each recipient gets a sender's
     /// broadcasts in the order they were made. Returns the recipients.
+    ///
+    /// Broadcasting has a budget per connection
+    /// ([`EngineConfig::max_broadcast_rate`](crate::server::EngineConfig::max_broadcast_rate)
+    /// and `broadcast_burst`): once it is spent, this connection is not read
+    /// until it refills. Likewise while a recipient has over half its send
+    /// queue limit waiting, for up to 2 s; recipients still that far
+    /// behind then are dropped as slow consumers. A fast sender is slowed
+    /// down to what its recipients take, rather than the recipients dropped.
     pub fn broadcast(&mut self, body: &[u8]) -> usize {
         let mut b = Vec::with_capacity(8 + body.len());
         b.extend_from_slice(&self.conn.id.raw().to_be_bytes());
         b.extend_from_slice(body);
         let frame = Frame::new(frame::cmd::BROADCAST, &b);
-        self.shared.broadcast(frame.into_wire())
+        let (n, congested) = self.shared.broadcast(frame.into_wire());
+        self.st.broadcast_made(self.shared, self.conn, congested);
+        n
     }
 
     /// Calls [`Handler::on_timer`] with `value` after `after`, once.

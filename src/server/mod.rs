@@ -15,7 +15,8 @@ use std::fmt;
 use std::time::Duration;
 
 pub use engine::{
-    DEFAULT_FILE_COPY_BELOW, Engine, EngineConfig, EngineRef, MAX_POST_VALUE, Protocol,
+    DEFAULT_BROADCAST_RATE, DEFAULT_FILE_COPY_BELOW, DEFAULT_FRAME_MIN_RATE, DEFAULT_FRAME_TIMEOUT,
+    Engine, EngineConfig, EngineRef, MAX_POST_VALUE, Protocol,
 };
 pub use handler::{CloseInfo, Ctx, Handler, MAX_TIMER_VALUE};
 pub use services::Services;

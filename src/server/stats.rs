@@ -51,13 +51,15 @@ pub enum CloseReason {
     IdleTimeout,
     /// A broadcast recipient fell too far behind.
     SlowConsumer,
+    /// A frame begun was not complete within its deadline.
+    FrameTimeout,
     /// Any other I/O error.
     Error,
 }
 
 impl CloseReason {
     /// Every reason, in a fixed order.
-    pub const ALL: [CloseReason; 10] = [
+    pub const ALL: [CloseReason; 11] = [
         CloseReason::PeerClosed,
         CloseReason::Reset,
         CloseReason::FrameTooLarge,
@@ -67,6 +69,7 @@ impl CloseReason {
         CloseReason::ConnectFailed,
         CloseReason::IdleTimeout,
         CloseReason::SlowConsumer,
+        CloseReason::FrameTimeout,
         CloseReason::Error,
     ];
 
@@ -82,6 +85,7 @@ impl CloseReason {
             CloseReason::ConnectFailed => "connect_failed",
             CloseReason::IdleTimeout => "idle_timeout",
             CloseReason::SlowConsumer => "slow_consumer",
+            CloseReason::FrameTimeout => "frame_timeout",
             CloseReason::Error => "error",
         }
     }
@@ -173,7 +177,7 @@ struct Shard {
     /// `connected` gives the open count; a connection may open on one
     /// shard and close on another, so only the sum means anything).
     closed_open: AtomicU64,
-    closed: [AtomicU64; 10],
+    closed: [AtomicU64; CloseReason::ALL.len()],
     frames_in: [AtomicU64; 8],
     frame_bytes_in: [AtomicU64; 8],
     frames_out: [AtomicU64; 8],

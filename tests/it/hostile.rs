@@ -555,7 +555,11 @@ fn attacker() {
 fn length_bombs_are_refused_without_allocating() {
     let _serial = serial();
     let n = scale(2000, 500);
-    let mut srv = Server::start(&[]);
+    // The held connections trickle their frames at a byte a second: the
+    // frame deadline (`--frame-timeout`) would close them after 10 s, and
+    // this test is about what holding them costs (the deadline is
+    // `hostile_budget`'s).
+    let mut srv = Server::start(&["--frame-timeout", "10m"]);
     let addr = srv.addr();
     let mut st = connect(addr);
     echo_roundtrip(&mut st, b"warm up");
@@ -691,7 +695,10 @@ fn slowloris_crowd_does_not_hurt_honest_clients() {
     let rounds = 4;
     let honest = 200;
     let floor = 10_000u64;
-    let mut servers = [Server::start(&[]), Server::start(&[])];
+    // The crowd is held on purpose, to measure what it costs: the frame
+    // deadline that reaps it is `hostile_budget`'s.
+    let args = ["--frame-timeout", "10m"];
+    let mut servers = [Server::start(&args), Server::start(&args)];
     let mut st: Vec<TcpStream> = servers.iter().map(|s| connect(s.addr())).collect();
     for s in st.iter_mut() {
         echo_roundtrip(s, b"warm up");

@@ -28,6 +28,7 @@ mod engine;
 mod fallback;
 mod fault;
 mod hostile;
+mod hostile_budget;
 mod hostile_file;
 mod netpath;
 mod port;
