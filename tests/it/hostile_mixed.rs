@@ -238,6 +238,10 @@ fn attack_connect(addr: SocketAddr, src: u8, rcvbuf: Option<usize>) -> io::Resul
     Ok(s)
 }
 
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
 fn timed_out(e: &io::Error) -> bool {
     matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut)
 }
@@ -367,6 +371,9 @@ enum Fetch {
     Invented {
         offset: usize,
         announced: usize,
+        /// Up to 16 bytes received from `offset`, and what the file held.
+        got: Vec<u8>,
+        want: Vec<u8>,
     },
     Error(u32, String),
     Unanswered(String),
@@ -441,9 +448,12 @@ fn fetch(s: &mut TcpStream, name: &str, content: &[u8], pace: Option<Duration>) 
                         .zip(&content[off..off + n])
                         .position(|(a, b)| a != b)
                         .unwrap();
+                    let end = (first + 16).min(n);
                     return Fetch::Invented {
                         offset: off + first,
                         announced: len,
+                        got: buf[first..end].to_vec(),
+                        want: content[off + first..off + end].to_vec(),
                     };
                 }
                 off += n;
@@ -529,12 +539,21 @@ fn file_abuse(ctx: &Ctx, files: &MixFiles) {
                         inc(&ctx.c.file_aborted);
                         false
                     }
-                    Fetch::Invented { offset, announced } => {
+                    Fetch::Invented {
+                        offset,
+                        announced,
+                        got,
+                        want,
+                    } => {
                         inc(&ctx.c.file_invented);
                         ctx.note(
                             "file_invented",
                             format!(
-                                "FILE {name}: byte {offset} of a {announced}-byte reply was never at that offset of the file"
+                                "FILE {name}: byte {offset} of a {announced}-byte reply was never at that offset of the file \
+                                 (got {}, the file holds {}; it was cut to {TRUNC_TO} bytes {} times so far)",
+                                hex(&got),
+                                hex(&want),
+                                val(&ctx.c.truncations)
                             ),
                         );
                         false
@@ -975,6 +994,21 @@ fn bcast_payload(seq: u64) -> Vec<u8> {
     v
 }
 
+/// `write_all` that waits out a server applying backpressure (a write
+/// timeout is not an error) until the run stops.
+fn write_while_running(ctx: &Ctx, w: &mut impl Write, mut buf: &[u8]) -> io::Result<()> {
+    while !buf.is_empty() {
+        match w.write(buf) {
+            Ok(0) => return Err(ErrorKind::WriteZero.into()),
+            Ok(n) => buf = &buf[n..],
+            Err(e) if timed_out(&e) && !ctx.stopped() => {}
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 fn broadcast_flood(ctx: &Ctx) {
     lower_priority();
     let mut seq = 0u64;
@@ -1013,7 +1047,7 @@ fn broadcast_flood(ctx: &Ctx) {
                 for i in 0..BCAST_BURST {
                     burst.extend_from_slice(&encode_frame(CMD_BROADCAST, &bcast_payload(seq + i)));
                 }
-                if let Err(e) = w.write_all(&burst) {
+                if let Err(e) = write_while_running(ctx, &mut w, &burst) {
                     ctx.note("broadcast_sender", format!("write: {e}"));
                     break;
                 }
@@ -1125,12 +1159,13 @@ fn honest_client(ctx: &Ctx, id: usize, first: HConn) -> Honest {
     let mut rng = Rng::new(0x4D49_5845 + id as u64);
     let mut conn = Some(first);
     let mut out = Honest::default();
-    let fail = |out: &mut Honest, what: String| {
+    // `at`: when the failed request was sent (or the reconnect tried).
+    let fail = |out: &mut Honest, at: Instant, what: String| {
         out.failed += 1;
         if out.first_failures.len() < 3 {
             out.first_failures.push(format!(
-                "honest #{id} at {:.1}s: {what}",
-                ctx.start.elapsed().as_secs_f64()
+                "honest #{id}, sent at {:.1}s: {what}",
+                at.saturating_duration_since(ctx.start).as_secs_f64()
             ));
         }
     };
@@ -1140,7 +1175,7 @@ fn honest_client(ctx: &Ctx, id: usize, first: HConn) -> Honest {
             None => match honest_connect(ctx.addr) {
                 Ok(c) => conn.insert(c),
                 Err(e) => {
-                    fail(&mut out, format!("reconnect: {e}"));
+                    fail(&mut out, Instant::now(), format!("reconnect: {e}"));
                     ctx.sleep(Duration::from_millis(100));
                     continue;
                 }
@@ -1165,7 +1200,7 @@ fn honest_client(ctx: &Ctx, id: usize, first: HConn) -> Honest {
                 out.ok += 1;
             }
             Err(e) => {
-                fail(&mut out, format!("{name} of {n} bytes: {e}"));
+                fail(&mut out, t0, format!("{name} of {n} bytes: {e}"));
                 conn = None;
             }
         }
