@@ -1482,6 +1482,22 @@ fn mixed_attack_beside_20_honest_clients() {
         "none".into()
     };
 
+    // Slow-consumer drops the server logged with less than its per-connection
+    // limit queued: dropped for the total over all connections.
+    let (mut drops, mut by_total) = (0u64, 0u64);
+    for line in stderr
+        .lines()
+        .filter(|l| l.contains("slow consumer dropped"))
+    {
+        drops += 1;
+        let kv = parse_kv(line);
+        if let (Some(q), Some(f), Some(l)) = (kv.get("queued"), kv.get("frame"), kv.get("limit"))
+            && q + f <= *l
+        {
+            by_total += 1;
+            ctx.note("slow_consumer_under_limit", line.trim().to_string());
+        }
+    }
     let skipped = if skip.is_empty() {
         "none".to_string()
     } else {
@@ -1496,7 +1512,7 @@ fn mixed_attack_beside_20_honest_clients() {
          unread_file={} closed={} | file: complete={} aborted={} invented={} refused_existing={} wrong_error={} unanswered={} truncations={} | \
          fifo: sent={} refused={} other={} unanswered={} | churn={} pongs={} noreply={} | \
          stats={} batch_max={} errors={} | broadcast: sent={} back={} sender_dropped={} | \
-         connect_failed={} | fds_peak={fd_peak}/{limit} rss_start={}MiB rss_peak={}MiB | worker_stalls={stalls} | sigterm={took:.2?} summary={summary}",
+         connect_failed={} | slow_consumer_drops={drops} under_own_limit={by_total} | fds_peak={fd_peak}/{limit} rss_start={}MiB rss_peak={}MiB | worker_stalls={stalls} | sigterm={took:.2?} summary={summary}",
         ok + failed,
         ms(p50),
         ms(p99),
