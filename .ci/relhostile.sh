@@ -9,7 +9,8 @@
 #
 # The same tests run at a smaller scale in plain `cargo test`:
 # 500 + 500 length bombs, 1,000 slowloris (3 rounds), 4,200 flood attempts
-# from one process, 10,000 cancellation races.
+# from one process, 10,000 cancellation races, and the mixed attack for 8 s
+# instead of 30 s.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 T0=$(date +%s)
@@ -40,5 +41,23 @@ for backend in uring poll; do
     # (libtest may print "test NAME ... " on the same line as a figure.)
     grep -oE '\[(hostile|ring_limits)\].*|CANCEL_RACE.*|SKIPPED.*|test result.*' "$LOG" || true
     echo "=== relhostile: $backend: $(( $(date +%s) - s ))s"
+done
+# The mixed attack: every hostile pattern at once for 30 s beside 20
+# verifying honest clients (docs/reliability/hostile.md, "Mixed attack").
+for backend in uring poll; do
+    s=$(date +%s)
+    echo "=== relhostile: mixed attack, $backend"
+    rc=0
+    CPORT_TEST_BACKEND=$backend CPORT_MIXED_SECS=30 \
+        cargo test --test it -- hostile_mixed:: \
+        --test-threads 1 --nocapture >"$LOG" 2>&1 || rc=$?
+    # The figures line first, pass or fail (on failure it is far from the end).
+    grep -oE '\[hostile_mixed\].*|worker_stalls: not reported.*|test result.*' "$LOG" || true
+    if [ "$rc" -ne 0 ]; then
+        grep -A 40 'failed assertion' "$LOG" | head -n 60 || true
+        tail -n 80 "$LOG"
+        exit 1
+    fi
+    echo "=== relhostile: mixed attack, $backend: $(( $(date +%s) - s ))s"
 done
 echo "=== relhostile total: $(( $(date +%s) - T0 ))s"

@@ -30,6 +30,7 @@ mod fault;
 mod hostile;
 mod hostile_budget;
 mod hostile_file;
+mod hostile_mixed;
 mod netpath;
 mod port;
 mod port_multishot;
