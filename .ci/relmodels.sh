@@ -120,7 +120,7 @@ MIRI_SKIP=(
 )
 miri() {
     MIRIFLAGS="-Zmiri-isolation-error=warn-nobacktrace" \
-        cargo +nightly miri test --locked --lib -- frame:: pool:: units:: \
+        cargo +nightly miri test --locked --no-default-features --lib -- frame:: pool:: units:: \
         "${MIRI_SKIP[@]}"
 }
 

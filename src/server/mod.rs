@@ -15,13 +15,13 @@ use std::fmt;
 use std::time::Duration;
 
 pub use engine::{
-    DEFAULT_FILE_COPY_BELOW, Engine, EngineConfig, EngineRef, MAX_POST_VALUE, Protocol,
+    DEFAULT_FILE_COPY_BELOW, Engine, EngineConfig, EngineRef, MAX_NODE, MAX_POST_VALUE, Protocol,
 };
 pub use handler::{CloseInfo, Ctx, Handler, MAX_TIMER_VALUE};
 pub use services::Services;
 pub use stats::{
-    COMMANDS, CloseReason, CommandCounts, ERROR_KINDS, EVENT_LOG_LEN, Event, LatencyBucket,
-    LatencySnapshot, Observer, Stats, StatsSnapshot,
+    COMMANDS, CloseReason, ClusterNode, ClusterSnapshot, ClusterSource, CommandCounts, ERROR_KINDS,
+    EVENT_LOG_LEN, Event, LatencyBucket, LatencySnapshot, Observer, Stats, StatsSnapshot,
 };
 
 /// Identity of a connection: its port, its slot in that port's table, and
