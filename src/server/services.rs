@@ -40,7 +40,8 @@ impl Services {
         }
         Ok(Services {
             files: Some(root),
-            ..Services::default()
+            #[cfg(feature = "cluster")]
+            cluster: None,
         })
     }
 
