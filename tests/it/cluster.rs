@@ -1,0 +1,653 @@
+//! The cluster bridge (docs/CLUSTER.md): real `nats-server` processes on
+//! loopback ports, three `cport server --cluster` nodes, clients on each.
+//!
+//! Without `nats-server` on the PATH each test prints "SKIPPED:
+//! nats-server not installed" and passes (CI installs it, see
+//! .ci/prereqs.sh). Every process is killed on drop; every wait has a
+//! deadline.
+
+use std::collections::HashMap;
+use std::io::{Read as _, Write as _};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::util::{self, Server, connect, read_frame_timeout, stats, write_frame};
+
+const CMD_BROADCAST: u32 = 2;
+const WAIT: Duration = Duration::from_secs(30);
+
+fn nats_installed() -> bool {
+    let ok = Command::new("nats-server")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        eprintln!("SKIPPED: nats-server not installed");
+    }
+    ok
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A `nats-server` on loopback; killed on drop.
+struct Nats {
+    child: Option<Child>,
+    port: u16,
+    args: Vec<String>,
+}
+
+impl Nats {
+    fn start(port: u16) -> Nats {
+        Nats::start_with(port, &[])
+    }
+
+    fn start_with(port: u16, extra: &[String]) -> Nats {
+        let mut args = vec![
+            "-a".into(),
+            "127.0.0.1".into(),
+            "-p".into(),
+            port.to_string(),
+        ];
+        args.extend(extra.iter().cloned());
+        let mut n = Nats {
+            child: None,
+            port,
+            args,
+        };
+        n.spawn();
+        n
+    }
+
+    fn spawn(&mut self) {
+        eprintln!("[it] nats-server {}", self.args.join(" "));
+        let child = Command::new("nats-server")
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn nats-server");
+        self.child = Some(child);
+        let start = Instant::now();
+        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                start.elapsed() < WAIT,
+                "nats-server did not listen on {} within {WAIT:?}",
+                self.port
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Starts a cport node in the cluster behind `urls`.
+fn node(name: &str, urls: &[String], subject: &str) -> Server {
+    let mut args: Vec<&str> = vec![
+        "--node-name",
+        name,
+        "--cluster-subject",
+        subject,
+        "--summary-every",
+        "1s",
+        "--workers",
+        "2",
+    ];
+    for u in urls {
+        args.push("--cluster");
+        args.push(u);
+    }
+    Server::start(&args)
+}
+
+fn cluster_of(s: &mut TcpStream) -> serde_json::Value {
+    stats(s)["cluster"].clone()
+}
+
+/// Waits until every node is up and has heard from all the others (so
+/// each has subscribed and the NATS routes, if any, carry traffic).
+fn wait_joined(nodes: &[&Server]) {
+    let mut ctl: Vec<TcpStream> = nodes.iter().map(|n| connect(n.addr())).collect();
+    let start = Instant::now();
+    loop {
+        let views: Vec<serde_json::Value> = ctl.iter_mut().map(cluster_of).collect();
+        let ok = views.iter().all(|c| {
+            c["state"] == "up" && c["nodes"].as_array().map_or(0, |a| a.len()) >= nodes.len() - 1
+        });
+        if ok {
+            return;
+        }
+        assert!(
+            start.elapsed() < WAIT,
+            "the nodes did not all join within {WAIT:?}: {views:#?}"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn wait_state(s: &Server, state: &str) -> serde_json::Value {
+    let mut ctl = connect(s.addr());
+    let start = Instant::now();
+    loop {
+        let c = cluster_of(&mut ctl);
+        if c["state"] == state {
+            return c;
+        }
+        assert!(
+            start.elapsed() < WAIT,
+            "node did not become {state} within {WAIT:?}: {c:#}"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Waits until the node has `n` client connections open (besides the
+/// STATS connection this opens).
+fn wait_open(addr: SocketAddr, n: u64) {
+    let mut ctl = connect(addr);
+    util::wait_stats(&mut ctl, "clients connected", |v| {
+        util::stat_u64(v, "connections_open") > n
+    });
+}
+
+fn body(tag: u32, seq: u32) -> Vec<u8> {
+    let mut b = Vec::with_capacity(64);
+    b.extend_from_slice(&tag.to_be_bytes());
+    b.extend_from_slice(&seq.to_be_bytes());
+    b.resize(56, 0xAB);
+    b
+}
+
+/// One BROADCAST as a client sees it: sender id, tag, sequence number.
+fn parse_bcast(cmd: u32, b: &[u8]) -> (u64, u32, u32) {
+    assert_eq!(cmd, CMD_BROADCAST, "expected a BROADCAST, got cmd {cmd:#x}");
+    assert_eq!(b.len(), 64, "BROADCAST body of {} bytes", b.len());
+    (
+        u64::from_be_bytes(b[..8].try_into().unwrap()),
+        u32::from_be_bytes(b[8..12].try_into().unwrap()),
+        u32::from_be_bytes(b[12..16].try_into().unwrap()),
+    )
+}
+
+/// Reads BROADCASTs until `n` arrived or `limit` passed.
+fn read_bcasts(s: &mut TcpStream, n: usize, limit: Duration) -> Vec<(u64, u32, u32)> {
+    let mut got = Vec::new();
+    let start = Instant::now();
+    while got.len() < n {
+        let left = limit.saturating_sub(start.elapsed());
+        if left.is_zero() {
+            break;
+        }
+        match read_frame_timeout(s, left) {
+            Ok((cmd, b)) => got.push(parse_bcast(cmd, &b)),
+            Err(_) => break,
+        }
+    }
+    got
+}
+
+/// Nothing more arrives for `quiet`.
+fn assert_quiet(s: &mut TcpStream, quiet: Duration, what: &str) {
+    if let Ok((cmd, b)) = read_frame_timeout(s, quiet) {
+        panic!("{what}: unexpected frame cmd {cmd:#x} ({} bytes)", b.len());
+    }
+}
+
+fn node_bits(id: u64) -> u64 {
+    id >> 52
+}
+
+#[test]
+fn exactly_once_and_in_order_with_300_clients_on_three_nodes() {
+    if !nats_installed() {
+        return;
+    }
+    let nats = Nats::start(free_port());
+    let urls = [nats.url()];
+    let names = ["a", "b", "c"];
+    let nodes: Vec<Server> = names.iter().map(|n| node(n, &urls, "t1")).collect();
+    wait_joined(&nodes.iter().collect::<Vec<_>>());
+
+    const PER_NODE: usize = 100;
+    const SENDERS_PER_NODE: usize = 10;
+    const MSGS: u32 = 20;
+    let expected = 3 * SENDERS_PER_NODE * MSGS as usize;
+    let mut clients: Vec<(usize, TcpStream)> = Vec::new();
+    for (i, n) in nodes.iter().enumerate() {
+        for _ in 0..PER_NODE {
+            clients.push((i, connect(n.addr())));
+        }
+    }
+    // Every node has all its clients before anyone speaks.
+    for n in &nodes {
+        wait_open(n.addr(), PER_NODE as u64);
+    }
+    let mut senders: Vec<TcpStream> = Vec::new();
+    let mut sender_node = Vec::new();
+    for (i, (n, c)) in clients.iter().enumerate() {
+        if i % PER_NODE < SENDERS_PER_NODE {
+            senders.push(c.try_clone().unwrap());
+            sender_node.push(*n);
+        }
+    }
+    // Readers first, so no socket fills while the senders write.
+    let readers: Vec<_> = clients
+        .into_iter()
+        .map(|(n, mut c)| {
+            thread::spawn(move || (n, read_bcasts(&mut c, expected, Duration::from_secs(60))))
+        })
+        .collect();
+    let t0 = Instant::now();
+    for seq in 1..=MSGS {
+        for (tag, s) in senders.iter_mut().enumerate() {
+            s.write_all(&util::encode_frame(CMD_BROADCAST, &body(tag as u32, seq)))
+                .unwrap();
+        }
+    }
+    // tag -> the sender id every client must see for it.
+    let mut ids: HashMap<u32, u64> = HashMap::new();
+    let mut total = 0;
+    for r in readers {
+        let (n, got) = r.join().unwrap();
+        assert_eq!(
+            got.len(),
+            expected,
+            "a client of node {} got {} of {expected} broadcasts",
+            names[n],
+            got.len()
+        );
+        let mut next: HashMap<u32, u32> = HashMap::new();
+        for (id, tag, seq) in got {
+            let want = next.entry(tag).or_insert(1);
+            assert_eq!(
+                seq, *want,
+                "client of node {}: sender {tag} out of order or repeated",
+                names[n]
+            );
+            *want += 1;
+            let first = *ids.entry(tag).or_insert(id);
+            assert_eq!(first, id, "sender {tag} seen with two ids");
+        }
+        assert_eq!(next.len(), 3 * SENDERS_PER_NODE);
+        assert!(next.values().all(|v| *v == MSGS + 1));
+        total += expected;
+    }
+    eprintln!(
+        "[it] {total} deliveries to 300 clients in {:?}",
+        t0.elapsed()
+    );
+    // The sender ids name the node: one node number per node, three in all.
+    let mut by_node: HashMap<usize, u64> = HashMap::new();
+    for (tag, id) in &ids {
+        let n = sender_node[*tag as usize];
+        let bits = *by_node.entry(n).or_insert(node_bits(*id));
+        assert_eq!(
+            bits,
+            node_bits(*id),
+            "senders of one node with two node numbers"
+        );
+    }
+    let mut distinct: Vec<u64> = by_node.values().copied().collect();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(distinct.len(), 3, "node numbers {by_node:?}");
+    // Each node published its own 200 once and delivered the other 400.
+    for n in &nodes {
+        let c = cluster_of(&mut connect(n.addr()));
+        assert_eq!(c["published"], 200, "{c:#}");
+        assert_eq!(c["delivered"], 400, "{c:#}");
+        assert_eq!(
+            c["dropped"]
+                .as_object()
+                .unwrap()
+                .values()
+                .map(|v| v.as_u64().unwrap())
+                .sum::<u64>(),
+            0,
+            "{c:#}"
+        );
+    }
+    drop(senders);
+}
+
+#[test]
+fn nats_killed_and_restarted_mid_run() {
+    if !nats_installed() {
+        return;
+    }
+    let mut nats = Nats::start(free_port());
+    let urls = [nats.url()];
+    let a = node("a", &urls, "t2");
+    let b = node("b", &urls, "t2");
+    let c = node("c", &urls, "t2");
+    wait_joined(&[&a, &b, &c]);
+    let mut ca = connect(a.addr());
+    let mut ca2 = connect(a.addr());
+    let mut cb = connect(b.addr());
+    let mut cc = connect(c.addr());
+    for (n, k) in [(&a, 2), (&b, 1), (&c, 1)] {
+        wait_open(n.addr(), k);
+    }
+    write_frame(&mut ca, CMD_BROADCAST, &body(1, 1)).unwrap();
+    for s in [&mut ca, &mut ca2, &mut cb, &mut cc] {
+        assert_eq!(read_bcasts(s, 1, WAIT).len(), 1, "before the restart");
+    }
+
+    nats.kill();
+    for n in [&a, &b, &c] {
+        let st = wait_state(n, "degraded");
+        assert!(
+            st["reason"].as_str().unwrap().contains("NATS"),
+            "reason: {st:#}"
+        );
+    }
+    assert!(
+        a.stderr_text().contains("cluster: degraded ("),
+        "{}",
+        a.stderr_text()
+    );
+    // Local service goes on: echo, and broadcasts to the node's own clients.
+    const DOWN: u32 = 10;
+    for seq in 2..2 + DOWN {
+        write_frame(&mut ca, CMD_BROADCAST, &body(1, seq)).unwrap();
+        util::echo_roundtrip(&mut cb, b"still here");
+    }
+    for s in [&mut ca, &mut ca2] {
+        let got = read_bcasts(s, DOWN as usize, WAIT);
+        assert_eq!(
+            got.len(),
+            DOWN as usize,
+            "local broadcasts while NATS is down"
+        );
+    }
+
+    nats.restart();
+    wait_joined(&[&a, &b, &c]);
+    // The cluster resumes; what was lost in between was counted.
+    let after = 2 + DOWN;
+    write_frame(&mut ca, CMD_BROADCAST, &body(1, after)).unwrap();
+    for (name, s) in [("b", &mut cb), ("c", &mut cc)] {
+        let got = read_bcasts(s, 1 + DOWN as usize, Duration::from_secs(5));
+        let seqs: Vec<u32> = got.iter().map(|g| g.2).collect();
+        assert_eq!(
+            seqs.last(),
+            Some(&after),
+            "node {name} after the restart: {seqs:?}"
+        );
+        assert!(
+            seqs.windows(2).all(|w| w[0] < w[1]),
+            "order on {name}: {seqs:?}"
+        );
+        let delivered = seqs.len() as u64 - 1;
+        let ca_view = cluster_of(&mut connect(a.addr()));
+        let here = cluster_of(&mut connect(if name == "b" { b.addr() } else { c.addr() }));
+        let dropped_a = ["disconnected", "publish_error", "queue_full_out"]
+            .iter()
+            .map(|k| ca_view["dropped"][k].as_u64().unwrap())
+            .sum::<u64>();
+        let lost_here = here["dropped"]["lost_in_transit"].as_u64().unwrap();
+        assert_eq!(
+            delivered + dropped_a + lost_here,
+            DOWN as u64,
+            "node {name}: every message sent while NATS was down is delivered or counted (a: {ca_view:#}, {name}: {here:#})"
+        );
+    }
+    assert!(
+        a.stderr_text().contains("cluster: up"),
+        "{}",
+        a.stderr_text()
+    );
+}
+
+#[test]
+fn a_node_killed_the_others_go_on() {
+    if !nats_installed() {
+        return;
+    }
+    let nats = Nats::start(free_port());
+    let urls = [nats.url()];
+    let a = node("a", &urls, "t3");
+    let b = node("b", &urls, "t3");
+    let mut c = node("c", &urls, "t3");
+    wait_joined(&[&a, &b, &c]);
+    let mut ca = connect(a.addr());
+    let mut cb = connect(b.addr());
+    let mut cc = connect(c.addr());
+    for n in [&a, &b, &c] {
+        wait_open(n.addr(), 1);
+    }
+    // SIGKILL: no goodbye to NATS or anyone.
+    let _ = c.stop_with(libc::SIGKILL);
+    assert!(cc.read(&mut [0u8; 1]).map_or(true, |n| n == 0));
+    for seq in 1..=5 {
+        write_frame(&mut ca, CMD_BROADCAST, &body(7, seq)).unwrap();
+        write_frame(&mut cb, CMD_BROADCAST, &body(8, seq)).unwrap();
+    }
+    for (name, s) in [("a", &mut ca), ("b", &mut cb)] {
+        let got = read_bcasts(s, 10, WAIT);
+        assert_eq!(got.len(), 10, "client of {name}");
+        for tag in [7, 8] {
+            let seqs: Vec<u32> = got.iter().filter(|g| g.1 == tag).map(|g| g.2).collect();
+            assert_eq!(seqs, vec![1, 2, 3, 4, 5], "client of {name}, sender {tag}");
+        }
+        assert_quiet(s, Duration::from_millis(300), name);
+    }
+    for n in [&a, &b] {
+        let v = cluster_of(&mut connect(n.addr()));
+        assert_eq!(v["state"], "up", "{v:#}");
+    }
+}
+
+#[test]
+fn nats_absent_at_start_degraded_then_recovers() {
+    if !nats_installed() {
+        return;
+    }
+    let port = free_port();
+    let url = format!("nats://127.0.0.1:{port}");
+    let admin_port = free_port();
+    let admin = format!("127.0.0.1:{admin_port}");
+    let a = Server::start(&[
+        "--node-name",
+        "a",
+        "--cluster",
+        &url,
+        "--cluster-subject",
+        "t4",
+        "--admin",
+        &admin,
+        "--workers",
+        "2",
+    ]);
+    let st = wait_state(&a, "degraded");
+    assert!(st["reason"].as_str().unwrap().contains("NATS"), "{st:#}");
+    let start = Instant::now();
+    while !a.stderr_text().contains("cluster: degraded (") {
+        assert!(start.elapsed() < WAIT, "{}", a.stderr_text());
+        thread::sleep(Duration::from_millis(50));
+    }
+    let metrics = http_get(&admin, "/metrics");
+    assert!(metrics.contains("cport_cluster_up 0"), "{metrics}");
+    assert!(metrics.contains("state=\"degraded\""), "{metrics}");
+    let dash = http_get(&admin, "/api/live");
+    assert!(dash.contains("\"state\":\"degraded\""), "{dash}");
+    // Local service while degraded: a broadcast reaches the node's own clients.
+    let mut c1 = connect(a.addr());
+    let mut c2 = connect(a.addr());
+    wait_open(a.addr(), 2);
+    write_frame(&mut c1, CMD_BROADCAST, &body(1, 1)).unwrap();
+    for s in [&mut c1, &mut c2] {
+        assert_eq!(read_bcasts(s, 1, WAIT).len(), 1);
+    }
+
+    let _nats = Nats::start(port);
+    let b = node("b", &[url.clone()], "t4");
+    wait_joined(&[&a, &b]);
+    let metrics = http_get(&admin, "/metrics");
+    assert!(metrics.contains("cport_cluster_up 1"), "{metrics}");
+    let mut cb = connect(b.addr());
+    wait_open(b.addr(), 1);
+    write_frame(&mut c1, CMD_BROADCAST, &body(1, 2)).unwrap();
+    let got = read_bcasts(&mut cb, 1, WAIT);
+    assert_eq!(got.len(), 1, "the cluster works once NATS is there");
+    assert_eq!(got[0].2, 2);
+    assert!(
+        a.stderr_text().contains("cluster: up"),
+        "{}",
+        a.stderr_text()
+    );
+}
+
+fn http_get(addr: &str, path: &str) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+#[test]
+fn nats_cluster_of_three_with_one_killed() {
+    if !nats_installed() {
+        return;
+    }
+    let client_ports = [free_port(), free_port(), free_port()];
+    let route_ports = [free_port(), free_port(), free_port()];
+    let routes = route_ports
+        .iter()
+        .map(|p| format!("nats://127.0.0.1:{p}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut servers: Vec<Nats> = (0..3)
+        .map(|i| {
+            Nats::start_with(
+                client_ports[i],
+                &[
+                    "--name".into(),
+                    format!("n{i}"),
+                    "--cluster_name".into(),
+                    "cport-test".into(),
+                    "--cluster".into(),
+                    format!("nats://127.0.0.1:{}", route_ports[i]),
+                    "--routes".into(),
+                    routes.clone(),
+                ],
+            )
+        })
+        .collect();
+    let urls: Vec<String> = servers.iter().map(|s| s.url()).collect();
+    let names = ["a", "b", "c"];
+    let nodes: Vec<Server> = names.iter().map(|n| node(n, &urls, "t5")).collect();
+    wait_joined(&nodes.iter().collect::<Vec<_>>());
+
+    let round = |tag: u32, clients: &mut Vec<TcpStream>, seq: u32| {
+        for (i, s) in clients.iter_mut().enumerate() {
+            write_frame(s, CMD_BROADCAST, &body(tag + i as u32, seq)).unwrap();
+        }
+        for (i, s) in clients.iter_mut().enumerate() {
+            let got = read_bcasts(s, 3, WAIT);
+            let mut tags: Vec<u32> = got.iter().map(|g| g.1).collect();
+            tags.sort();
+            assert_eq!(tags, vec![tag, tag + 1, tag + 2], "client of {}", names[i]);
+        }
+    };
+    let mut clients: Vec<TcpStream> = nodes.iter().map(|n| connect(n.addr())).collect();
+    for n in &nodes {
+        wait_open(n.addr(), 1);
+    }
+    round(10, &mut clients, 1);
+
+    servers[0].kill();
+    // Whoever was on the killed server fails over to another.
+    let start = Instant::now();
+    loop {
+        thread::sleep(Duration::from_millis(200));
+        let ok = nodes.iter().all(|n| {
+            let v = cluster_of(&mut connect(n.addr()));
+            v["state"] == "up"
+        });
+        if ok {
+            break;
+        }
+        assert!(start.elapsed() < WAIT, "the nodes did not fail over");
+    }
+    wait_joined(&nodes.iter().collect::<Vec<_>>());
+    round(20, &mut clients, 2);
+    for (i, s) in clients.iter_mut().enumerate() {
+        assert_quiet(s, Duration::from_millis(300), names[i]);
+    }
+}
+
+/// Broadcast load across three nodes with `cport stress --mode broadcast`:
+/// it checks exactly-once and per-sender order itself and fails otherwise.
+#[test]
+fn stress_broadcast_mode_across_three_nodes() {
+    if !nats_installed() {
+        return;
+    }
+    let nats = Nats::start(free_port());
+    let urls = [nats.url()];
+    let nodes: Vec<Server> = ["a", "b", "c"]
+        .iter()
+        .map(|n| node(n, &urls, "t6"))
+        .collect();
+    wait_joined(&nodes.iter().collect::<Vec<_>>());
+    let mut args: Vec<String> = vec!["stress".into()];
+    for n in &nodes {
+        args.push("--connect".into());
+        args.push(n.addr().to_string());
+    }
+    args.extend(
+        [
+            "--mode",
+            "broadcast",
+            "--connections",
+            "60",
+            "--rate",
+            "200",
+            "--duration",
+            "2s",
+        ]
+        .map(String::from),
+    );
+    let argv: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+    let out = util::run_cport(&argv, None, Duration::from_secs(60));
+    assert!(out.status.success(), "{}", out.dump());
+    assert!(
+        out.stdout.contains("exactly once, in order"),
+        "{}",
+        out.dump()
+    );
+}
