@@ -512,7 +512,7 @@ fn nats_absent_at_start_degraded_then_recovers() {
     }
 
     let _nats = Nats::start(port);
-    let b = node("b", &[url.clone()], "t4");
+    let b = node("b", std::slice::from_ref(&url), "t4");
     wait_joined(&[&a, &b]);
     let metrics = http_get(&admin, "/metrics");
     assert!(metrics.contains("cport_cluster_up 1"), "{metrics}");
