@@ -263,10 +263,14 @@ pub(crate) fn run(a: ServerArgs) -> anyhow::Result<i32> {
             c.attach(&engine.observer());
             std::thread::scope(|s| {
                 let engine = &engine;
-                s.spawn(move || c.run_delivery(engine.handle()));
+                std::thread::Builder::new()
+                    .name("cport-deliver".into())
+                    .spawn_scoped(s, move || c.run_delivery(engine.handle()))
+                    .context("cannot start the cluster delivery thread")?;
                 serve();
                 c.stop();
-            });
+                anyhow::Ok(())
+            })?;
         }
         None => serve(),
     }
