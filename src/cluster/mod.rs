@@ -9,7 +9,10 @@
 //!   delivers it to its own clients;
 //! - `PREFIX.n.NODE` — targeted sends to a connection of node `NODE`;
 //! - `PREFIX.hb` — a heartbeat a second, naming the node (the dashboard's
-//!   list of nodes heard from).
+//!   list of nodes heard from);
+//! - `PREFIX.s` — messages from a service to its peers on the other nodes
+//!   ([`Cluster::publish`], [`Cluster::set_receiver`]), e.g. the chat
+//!   example's room membership.
 //!
 //! The NATS client runs on a thread of its own (a small single-threaded
 //! tokio runtime). The engine's workers never wait for it: a worker hands
@@ -54,6 +57,7 @@ const MAGIC: u8 = 0xC1;
 const KIND_BROADCAST: u8 = 1;
 const KIND_SEND: u8 = 2;
 const KIND_HEARTBEAT: u8 = 3;
+const KIND_SERVICE: u8 = 4;
 /// magic, kind, node (u16), incarnation (u64), sequence (u64), target (u64).
 const HEADER: usize = 28;
 
@@ -218,12 +222,19 @@ enum Out {
     Broadcast(Bytes),
     /// Bytes for connection `to` (a cluster-wide id) of another node.
     Send(u64, Bytes),
+    /// A message for the service on every other node.
+    Service(Bytes),
 }
 
 enum In {
     Broadcast(Frame),
     Send(ConnId, Bytes),
+    Service(u16, Bytes),
 }
+
+/// What a service runs for each message from its peers on other nodes:
+/// the engine, the origin's node number, the bytes.
+pub type Receiver = Arc<dyn Fn(EngineRef<'_>, u16, Bytes) + Send + Sync>;
 
 #[derive(Debug)]
 struct State {
@@ -249,6 +260,7 @@ struct Inner {
     /// Last round trip in microseconds (`u64::MAX`: none yet).
     rtt_us: AtomicU64,
     peers: Mutex<HashMap<u16, Peer>>,
+    receiver: Mutex<Option<Receiver>>,
     n: Counters,
     stop: AtomicBool,
     out_full_log: RateLog,
@@ -402,6 +414,7 @@ impl Cluster {
             in_depth: AtomicU64::new(0),
             rtt_us: AtomicU64::new(u64::MAX),
             peers: Mutex::new(HashMap::new()),
+            receiver: Mutex::new(None),
             n: Counters::default(),
             stop: AtomicBool::new(false),
             out_full_log: RateLog::new("the queue to NATS is full (NATS slow or unreachable)"),
@@ -478,6 +491,27 @@ impl Cluster {
         self.inner.push_out(Out::Send(to, bytes))
     }
 
+    /// Publishes `bytes` for the service on every other node, whose
+    /// [receiver](Self::set_receiver) gets them on its delivery thread: the
+    /// way for a handler to tell its peers what they need to know (e.g.
+    /// who is in which room). At most once, in order per node; false if
+    /// the queue to NATS is full.
+    pub fn publish(&self, bytes: Bytes) -> bool {
+        self.inner.push_out(Out::Service(bytes))
+    }
+
+    /// Sets what runs for each [`publish`](Self::publish) of another node,
+    /// on the delivery thread (it must not block). It should not hold the
+    /// handler that holds this bridge strongly (use a `Weak`), or neither
+    /// is ever freed.
+    pub fn set_receiver(&self, f: Receiver) {
+        *self
+            .inner
+            .receiver
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(f);
+    }
+
     /// Delivers what has come from other nodes, waiting up to `wait` for
     /// the first message. Returns the messages delivered.
     pub fn deliver(&self, engine: EngineRef<'_>, wait: Duration) -> usize {
@@ -496,6 +530,18 @@ impl Cluster {
                         inc(&self.inner.n.delivered);
                     } else {
                         inc(&self.inner.n.gone);
+                    }
+                }
+                In::Service(node, bytes) => {
+                    let f = self
+                        .inner
+                        .receiver
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .clone();
+                    if let Some(f) = f {
+                        f(engine, node, bytes);
+                        inc(&self.inner.n.delivered);
                     }
                 }
             }
@@ -684,10 +730,12 @@ async fn run(
     let bcast_subject = format!("{prefix}.b");
     let hb_subject = format!("{prefix}.hb");
     let mut subs = Vec::new();
+    let service_subject = format!("{prefix}.s");
     for s in [
         bcast_subject.clone(),
         format!("{prefix}.n.{}", inner.node),
         hb_subject.clone(),
+        service_subject.clone(),
     ] {
         match client.subscribe(s.clone()).await {
             Ok(sub) => subs.push(sub),
@@ -740,6 +788,18 @@ async fn run(
                 let mut b = header(KIND_SEND, inner.node, inner.incarnation, 0, to, bytes.len());
                 b.put_slice(&bytes);
                 (format!("{prefix}.n.{node}"), b.freeze(), &inner.n.sent)
+            }
+            Out::Service(bytes) => {
+                let mut b = header(
+                    KIND_SERVICE,
+                    inner.node,
+                    inner.incarnation,
+                    0,
+                    0,
+                    bytes.len(),
+                );
+                b.put_slice(&bytes);
+                (service_subject.clone(), b.freeze(), &inner.n.sent)
             }
         };
         match client.publish(subject, payload).await {
@@ -872,6 +932,7 @@ async fn receive(inner: Arc<Inner>, mut sub: async_nats::Subscriber, in_tx: mpsc
                 }
                 In::Send(id, p.rest)
             }
+            KIND_SERVICE => In::Service(p.node, p.rest),
             _ => {
                 inc(&inner.n.malformed);
                 continue;

@@ -651,3 +651,107 @@ fn stress_broadcast_mode_across_three_nodes() {
         out.dump()
     );
 }
+
+
+/// Reads frames until one with command `want` (skipping notices), within `limit`.
+fn expect_cmd(s: &mut TcpStream, want: u32, limit: Duration) -> String {
+    let start = Instant::now();
+    loop {
+        let left = limit.saturating_sub(start.elapsed());
+        assert!(!left.is_zero(), "no frame {want} within {limit:?}");
+        let (cmd, b) =
+            read_frame_timeout(s, left).unwrap_or_else(|e| panic!("waiting for frame {want}: {e}"));
+        if cmd == want {
+            return String::from_utf8(b).unwrap();
+        }
+        assert_ne!(cmd, 0xFFFF_FFFF, "ERROR frame while waiting for {want}");
+    }
+}
+
+#[test]
+fn chat_rooms_span_nodes() {
+    use crate::chat::chat_example::{Chat, ChatConfig, cmd};
+    use cport::cluster::{Cluster, ClusterConfig};
+    use cport::server::{Engine, EngineConfig};
+    use std::sync::Arc;
+
+    if !nats_installed() {
+        return;
+    }
+    let nats = Nats::start(free_port());
+    let start_node = |name: &str| {
+        let mut cc = ClusterConfig::new(vec![nats.url()], name.into());
+        cc.subject = "t7".into();
+        let cluster = Arc::new(Cluster::start(cc).unwrap());
+        let chat = Chat::with_cluster(
+            ChatConfig {
+                announce: None,
+                ..ChatConfig::default()
+            },
+            cluster.clone(),
+        );
+        let mut cfg = EngineConfig {
+            workers: 2,
+            ports: 1,
+            ..EngineConfig::default()
+        };
+        cfg.port.backend = util::test_port_backend();
+        let engine = Engine::start(cfg, chat.clone()).unwrap();
+        let addr = engine.listen("127.0.0.1:0".parse().unwrap(), 128).unwrap();
+        (cluster, chat, engine, addr)
+    };
+    let (ca, chat_a, mut ea, addr_a) = start_node("chat-a");
+    let (cb, chat_b, mut eb, addr_b) = start_node("chat-b");
+    thread::scope(|s| {
+        let (ea, eb) = (&ea, &eb);
+        let (ca2, cb2) = (&ca, &cb);
+        s.spawn(move || ca2.run_delivery(ea.handle()));
+        s.spawn(move || cb2.run_delivery(eb.handle()));
+        let start = Instant::now();
+        while !(ca.snapshot().state == "up"
+            && cb.snapshot().nodes.len() == 1
+            && ca.snapshot().nodes.len() == 1)
+        {
+            assert!(start.elapsed() < WAIT, "chat nodes did not join");
+            thread::sleep(Duration::from_millis(50));
+        }
+        let mut alice = connect(addr_a);
+        let mut bob = connect(addr_b);
+        for (s, nick) in [(&mut alice, "alice"), (&mut bob, "bob")] {
+            write_frame(s, cmd::NICK, nick.as_bytes()).unwrap();
+            assert_eq!(expect_cmd(s, cmd::OK, WAIT), format!("nick {nick}"));
+            write_frame(s, cmd::JOIN, b"lobby").unwrap();
+            assert_eq!(expect_cmd(s, cmd::OK, WAIT), "joined lobby");
+        }
+        // Each node learns the other's members; WHO lists both on both.
+        let start = Instant::now();
+        for s in [&mut alice, &mut bob] {
+            loop {
+                write_frame(s, cmd::WHO, b"").unwrap();
+                if expect_cmd(s, cmd::NAMES, WAIT) == "alice\nbob" {
+                    break;
+                }
+                assert!(start.elapsed() < WAIT, "membership did not spread");
+                thread::sleep(Duration::from_millis(100));
+            }
+        }
+        write_frame(&mut alice, cmd::SAY, b"hello from a").unwrap();
+        assert_eq!(expect_cmd(&mut bob, cmd::MSG, WAIT), "alice: hello from a");
+        assert_eq!(
+            expect_cmd(&mut alice, cmd::MSG, WAIT),
+            "alice: hello from a"
+        );
+        write_frame(&mut bob, cmd::SAY, b"hi from b").unwrap();
+        assert_eq!(expect_cmd(&mut alice, cmd::MSG, WAIT), "bob: hi from b");
+        // The targeted sends went through NATS, one each way.
+        assert!(ca.snapshot().delivered >= 1 && cb.snapshot().delivered >= 1);
+        drop((alice, bob));
+        ca.stop();
+        cb.stop();
+    });
+    for e in [&mut ea, &mut eb] {
+        let summary = e.shutdown(Duration::from_secs(2));
+        assert_eq!(summary.connections_left, 0, "{summary}");
+    }
+    let _ = (chat_a.census(), chat_b.census());
+}
