@@ -13,7 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::util::{self, Server, connect, read_frame_timeout, stats, write_frame};
+use crate::util::{self, Server, connect, read_frame_timeout, write_frame};
 
 const CMD_BROADCAST: u32 = 2;
 const WAIT: Duration = Duration::from_secs(30);
@@ -89,6 +89,14 @@ impl Nats {
         }
     }
 
+    fn signal(&self, sig: i32) {
+        let pid = self.child.as_ref().expect("nats-server running").id() as i32;
+        // SAFETY: kill(2) on our own child.
+        unsafe {
+            libc::kill(pid, sig);
+        }
+    }
+
     fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
     }
@@ -131,8 +139,14 @@ fn node(name: &str, urls: &[String], subject: &str) -> Server {
     Server::start(&args)
 }
 
+/// The node's `cluster` STATS object; broadcasts that reach this
+/// connection meanwhile are skipped.
 fn cluster_of(s: &mut TcpStream) -> serde_json::Value {
-    stats(s)["cluster"].clone()
+    const CMD_STATS: u32 = 8;
+    write_frame(s, CMD_STATS, b"").unwrap();
+    let body = expect_cmd(s, CMD_STATS, WAIT);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    v["cluster"].clone()
 }
 
 /// Waits until every node is up and has heard from all the others (so
@@ -652,7 +666,6 @@ fn stress_broadcast_mode_across_three_nodes() {
     );
 }
 
-
 /// Reads frames until one with command `want` (skipping notices), within `limit`.
 fn expect_cmd(s: &mut TcpStream, want: u32, limit: Duration) -> String {
     let start = Instant::now();
@@ -754,4 +767,114 @@ fn chat_rooms_span_nodes() {
         assert_eq!(summary.connections_left, 0, "{summary}");
     }
     let _ = (chat_a.census(), chat_b.census());
+}
+
+/// NATS stops reading (SIGSTOP): the node's queue to NATS fills, the rest
+/// is dropped and counted, memory stays flat, and local clients still get
+/// every broadcast. After SIGCONT the cluster goes on.
+#[test]
+fn slow_nats_the_queue_bound_holds() {
+    if !nats_installed() {
+        return;
+    }
+    let nats = Nats::start(free_port());
+    let urls = [nats.url()];
+    let extra = |name: &'static str| {
+        let mut args: Vec<String> = [
+            "--node-name",
+            name,
+            "--cluster-subject",
+            "t8",
+            "--cluster-queue",
+            "1000",
+            "--workers",
+            "2",
+        ]
+        .map(String::from)
+        .to_vec();
+        args.push("--cluster".into());
+        args.push(urls[0].clone());
+        args
+    };
+    let aa = extra("a");
+    let a = Server::start(&aa.iter().map(|s| s.as_str()).collect::<Vec<_>>());
+    let bb = extra("b");
+    let b = Server::start(&bb.iter().map(|s| s.as_str()).collect::<Vec<_>>());
+    wait_joined(&[&a, &b]);
+    let mut ca = connect(a.addr());
+    let mut cb = connect(b.addr());
+    wait_open(a.addr(), 1);
+    wait_open(b.addr(), 1);
+    let rss0 = a.rss_kib().unwrap();
+
+    nats.signal(libc::SIGSTOP);
+    const N: u32 = 40_000;
+    let mut big = body(1, 0);
+    big.resize(2000, 0xCD);
+    let mut reader = ca.try_clone().unwrap();
+    let local = thread::spawn(move || {
+        let mut n = 0u32;
+        while n < N {
+            let (cmd, b) = read_frame_timeout(&mut reader, WAIT).expect("local broadcast");
+            assert_eq!(cmd, CMD_BROADCAST);
+            assert_eq!(b.len(), 2008);
+            n += 1;
+        }
+        n
+    });
+    for seq in 1..=N {
+        big[4..8].copy_from_slice(&seq.to_be_bytes());
+        write_frame(&mut ca, CMD_BROADCAST, &big).unwrap();
+    }
+    assert_eq!(
+        local.join().unwrap(),
+        N,
+        "local clients get every broadcast"
+    );
+    let v = cluster_of(&mut connect(a.addr()));
+    let rss1 = a.rss_kib().unwrap();
+    let dropped = v["dropped"]["queue_full_out"].as_u64().unwrap()
+        + v["dropped"]["disconnected"].as_u64().unwrap();
+    assert!(dropped > 0, "nothing dropped with NATS stopped: {v:#}");
+    assert!(v["queue_out"].as_u64().unwrap() <= 1000, "{v:#}");
+    eprintln!(
+        "[it] NATS stopped: {N} broadcasts of 2 KB, {dropped} dropped for the cluster, RSS {rss0} -> {rss1} KiB"
+    );
+    assert!(
+        rss1 < rss0 + 48 * 1024,
+        "RSS grew from {rss0} to {rss1} KiB with {N} x 2 KB broadcasts and NATS stopped"
+    );
+
+    nats.signal(libc::SIGCONT);
+    wait_joined(&[&a, &b]);
+    // Whatever NATS still had buffered may come first; then the new one.
+    let start = Instant::now();
+    loop {
+        write_frame(&mut ca, CMD_BROADCAST, &body(99, 1)).unwrap();
+        let _ = read_bcasts_until(&mut ca, 99, WAIT);
+        if read_bcasts_until(&mut cb, 99, Duration::from_secs(2)) {
+            break;
+        }
+        assert!(start.elapsed() < WAIT, "the cluster did not resume");
+    }
+}
+
+/// Reads frames until a BROADCAST with tag `tag`; false if none in `limit`.
+fn read_bcasts_until(s: &mut TcpStream, tag: u32, limit: Duration) -> bool {
+    let start = Instant::now();
+    loop {
+        let left = limit.saturating_sub(start.elapsed());
+        if left.is_zero() {
+            return false;
+        }
+        match read_frame_timeout(s, left) {
+            Ok((CMD_BROADCAST, b)) if b.len() >= 12 => {
+                if u32::from_be_bytes(b[8..12].try_into().unwrap()) == tag {
+                    return true;
+                }
+            }
+            Ok(_) => {}
+            Err(_) => return false,
+        }
+    }
 }
