@@ -305,11 +305,28 @@ fn encode_cluster(
             MetricType::Info,
         )?;
         let node = c.node.to_string();
+        // Label values go out as they are: keep quotes, backslashes and
+        // line breaks (a NATS server's error text) out of them.
+        let clean = |v: &str| -> String {
+            v.chars()
+                .map(|ch| {
+                    if matches!(ch, '"' | '\\') || ch.is_control() {
+                        '\''
+                    } else {
+                        ch
+                    }
+                })
+                .collect()
+        };
+        let (name, reason) = (
+            clean(&c.node_name),
+            clean(c.reason.as_deref().unwrap_or("")),
+        );
         m.encode_info(&[
-            ("name", c.node_name.as_str()),
+            ("name", name.as_str()),
             ("node", node.as_str()),
             ("state", c.state.as_str()),
-            ("reason", c.reason.as_deref().unwrap_or("")),
+            ("reason", reason.as_str()),
         ])?;
     }
     gauge(

@@ -124,12 +124,13 @@ impl ClusterConfig {
                 self.subject
             ));
         }
+        let name_ok = |c: char| c.is_alphanumeric() || "-_.:@".contains(c);
         if self.node_name.is_empty()
             || self.node_name.len() > 128
-            || self.node_name.chars().any(|c| c.is_control())
+            || !self.node_name.chars().all(name_ok)
         {
             return bad(format!(
-                "node name {:?}: 1 to 128 characters, no control characters",
+                "node name {:?}: 1 to 128 letters, digits, '-', '_', '.', ':' or '@'",
                 self.node_name
             ));
         }
