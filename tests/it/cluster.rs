@@ -878,3 +878,167 @@ fn read_bcasts_until(s: &mut TcpStream, tag: u32, limit: Duration) -> bool {
         }
     }
 }
+
+/// Starts a node and waits for `state`, checking the log agrees.
+fn node_with(args: &[&str], state: &str) -> Server {
+    let mut full = vec!["--cluster-subject", "t9", "--workers", "2"];
+    full.extend_from_slice(args);
+    let s = Server::start(&full);
+    wait_state(&s, state);
+    s
+}
+
+#[test]
+fn token_user_password_and_tls_reach_nats() {
+    if !nats_installed() {
+        return;
+    }
+    // Token.
+    let port = free_port();
+    let _n = Nats::start_with(port, &["--auth".into(), "s3cret".into()]);
+    let url = format!("nats://127.0.0.1:{port}");
+    let ok = node_with(&["--cluster", &url, "--cluster-token", "s3cret"], "up");
+    drop(ok);
+    let bad = node_with(&["--cluster", &url, "--cluster-token", "wrong"], "degraded");
+    thread::sleep(Duration::from_millis(1500));
+    assert!(
+        !bad.stderr_text().contains("cluster: up"),
+        "{}",
+        bad.stderr_text()
+    );
+    drop(bad);
+
+    // User and password.
+    let port = free_port();
+    let _n = Nats::start_with(
+        port,
+        &["--user".into(), "u1".into(), "--pass".into(), "p1".into()],
+    );
+    let url = format!("nats://127.0.0.1:{port}");
+    let ok = node_with(
+        &[
+            "--cluster",
+            &url,
+            "--cluster-user",
+            "u1",
+            "--cluster-password",
+            "p1",
+        ],
+        "up",
+    );
+    drop(ok);
+
+    // TLS with our own CA.
+    let have_openssl = Command::new("openssl")
+        .arg("version")
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !have_openssl {
+        eprintln!("SKIPPED (TLS part): openssl not installed");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("cport-cluster-tls-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let d = |f: &str| dir.join(f).to_string_lossy().into_owned();
+    std::fs::write(d("ext.cnf"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let steps: Vec<Vec<String>> = vec![
+        [
+            &["req", "-x509"][..],
+            &ec[..],
+            &[
+                "-keyout",
+                &d("ca.key"),
+                "-out",
+                &d("ca.pem"),
+                "-days",
+                "2",
+                "-subj",
+                "/CN=cport test CA",
+            ][..],
+        ]
+        .concat(),
+        [
+            &["req"][..],
+            &ec[..],
+            &[
+                "-keyout",
+                &d("srv.key"),
+                "-out",
+                &d("srv.csr"),
+                "-subj",
+                "/CN=127.0.0.1",
+            ][..],
+        ]
+        .concat(),
+        vec![
+            "x509",
+            "-req",
+            "-in",
+            &d("srv.csr"),
+            "-CA",
+            &d("ca.pem"),
+            "-CAkey",
+            &d("ca.key"),
+            "-CAcreateserial",
+            "-out",
+            &d("srv.pem"),
+            "-days",
+            "2",
+            "-extfile",
+            &d("ext.cnf"),
+        ],
+    ]
+    .into_iter()
+    .map(|v| v.into_iter().map(String::from).collect())
+    .collect();
+    for args in steps {
+        let out = Command::new("openssl").args(&args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let port = free_port();
+    let _n = Nats::start_with(
+        port,
+        &[
+            "--tls".into(),
+            "--tlscert".into(),
+            d("srv.pem"),
+            "--tlskey".into(),
+            d("srv.key"),
+        ],
+    );
+    let url = format!("tls://127.0.0.1:{port}");
+    let ok = node_with(
+        &[
+            "--cluster",
+            &url,
+            "--cluster-tls-ca",
+            &d("ca.pem"),
+            "--cluster-tls-required",
+        ],
+        "up",
+    );
+    drop(ok);
+    // Without the CA the server's certificate is not trusted.
+    let bad = node_with(&["--cluster", &url, "--cluster-tls-required"], "degraded");
+    thread::sleep(Duration::from_millis(1500));
+    assert!(
+        !bad.stderr_text().contains("cluster: up"),
+        "{}",
+        bad.stderr_text()
+    );
+    drop(bad);
+    let _ = std::fs::remove_dir_all(&dir);
+}
