@@ -264,6 +264,8 @@ struct Inner {
     receiver: Mutex<Option<Receiver>>,
     n: Counters,
     stop: AtomicBool,
+    /// Wakes the NATS thread to stop, even mid-publish to a stalled NATS.
+    stop_wake: tokio::sync::Notify,
     out_full_log: RateLog,
     in_full_log: RateLog,
     disconnected_log: RateLog,
@@ -418,6 +420,7 @@ impl Cluster {
             receiver: Mutex::new(None),
             n: Counters::default(),
             stop: AtomicBool::new(false),
+            stop_wake: tokio::sync::Notify::new(),
             out_full_log: RateLog::new("the queue to NATS is full (NATS slow or unreachable)"),
             in_full_log: RateLog::new("the queue from NATS is full (delivery behind)"),
             disconnected_log: RateLog::new("not connected to NATS"),
@@ -580,6 +583,7 @@ impl Cluster {
     /// queued, for up to a second). Idempotent.
     pub fn stop(&self) {
         self.inner.stop.store(true, Ordering::Relaxed);
+        self.inner.stop_wake.notify_one();
         let t = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(t) = t {
             let _ = t.join();
@@ -753,16 +757,10 @@ async fn run(
         tasks.push(tokio::spawn(heartbeat(inner, client, hb_subject)));
     }
     let mut seq = 0u64;
-    let mut tick = tokio::time::interval(Duration::from_millis(100));
     loop {
         let m = tokio::select! {
             m = out_rx.recv() => m,
-            _ = tick.tick() => {
-                if inner.stop.load(Ordering::Relaxed) {
-                    break;
-                }
-                continue;
-            }
+            _ = inner.stop_wake.notified() => break,
         };
         let Some(m) = m else { break };
         if client.connection_state() != async_nats::connection::State::Connected {
@@ -803,7 +801,13 @@ async fn run(
                 (service_subject.clone(), b.freeze(), &inner.n.sent)
             }
         };
-        match client.publish(subject, payload).await {
+        // A stalled NATS holds the publish (its buffers are full): that is
+        // the backpressure that fills our queue. Stopping still goes.
+        let r = tokio::select! {
+            r = client.publish(subject, payload) => r,
+            _ = inner.stop_wake.notified() => break,
+        };
+        match r {
             Ok(()) => inc(counter),
             Err(e) => {
                 inc(&inner.n.drop_publish_error);

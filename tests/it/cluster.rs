@@ -797,12 +797,12 @@ fn slow_nats_the_queue_bound_holds() {
         args
     };
     let aa = extra("a");
-    let a = Server::start(&aa.iter().map(|s| s.as_str()).collect::<Vec<_>>());
+    let mut a = Server::start(&aa.iter().map(|s| s.as_str()).collect::<Vec<_>>());
     let bb = extra("b");
     let b = Server::start(&bb.iter().map(|s| s.as_str()).collect::<Vec<_>>());
     wait_joined(&[&a, &b]);
     let mut ca = connect(a.addr());
-    let mut cb = connect(b.addr());
+    let cb = connect(b.addr());
     wait_open(a.addr(), 1);
     wait_open(b.addr(), 1);
     let rss0 = a.rss_kib().unwrap();
@@ -844,6 +844,17 @@ fn slow_nats_the_queue_bound_holds() {
         rss1 < rss0 + 48 * 1024,
         "RSS grew from {rss0} to {rss1} KiB with {N} x 2 KB broadcasts and NATS stopped"
     );
+    // A node stops promptly even with its NATS thread held by the stalled
+    // NATS (its queue full, a publish waiting).
+    let (status, took, _) = a.stop_within(libc::SIGTERM, Duration::from_secs(20));
+    assert!(status.success(), "{status:?}");
+    assert!(took < Duration::from_secs(8), "stopping took {took:?}");
+    // From here on: b, and a new node c that starts while NATS is stalled.
+    let a = b;
+    let mut ca = cb;
+    let cc = extra("c");
+    let b = Server::start(&cc.iter().map(|s| s.as_str()).collect::<Vec<_>>());
+    let mut cb = connect(b.addr());
 
     nats.signal(libc::SIGCONT);
     wait_joined(&[&a, &b]);
