@@ -344,7 +344,7 @@ fn encode_cluster(
     counter(
         e,
         "cport_cluster_sent",
-        "Targeted sends published to other nodes.",
+        "Targeted sends and service messages published to other nodes.",
         c.sent,
     )?;
     counter(
