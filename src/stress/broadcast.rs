@@ -135,6 +135,11 @@ impl BroadcastReport {
 
 const LAT_BUCKETS: usize = 1024;
 
+/// Most connections of a broadcast run: every connection keeps the last
+/// sequence number of every sender, so memory grows with the square
+/// (10,000 connections: 400 MB).
+pub const MAX_CONNECTIONS: u64 = 10_000;
+
 /// Log-linear histogram of nanoseconds: 16 steps per power of two.
 fn lat_index(ns: u64) -> usize {
     if ns < 16 {
@@ -303,8 +308,13 @@ pub fn run_broadcast(cfg: &BroadcastConfig) -> io::Result<BroadcastReport> {
     if !cfg.rate.is_finite() || cfg.rate <= 0.0 {
         return bad("--rate must be above 0");
     }
-    if cfg.connections == 0 || cfg.connections > u32::MAX as u64 {
-        return bad("--connections out of range");
+    if cfg.connections == 0 || cfg.connections > MAX_CONNECTIONS {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "--connections must be 1 to {MAX_CONNECTIONS} in broadcast mode (each connection tracks every sender: 4 bytes a pair)"
+            ),
+        ));
     }
     crate::port::sys::raise_fd_limit();
     let n = cfg.connections as usize;
