@@ -91,6 +91,23 @@
 //! [`Ctx::set_timer`] each time it fires. The engine keeps timers in a
 //! per-port queue, so an idle connection's timer costs nothing per tick.
 //!
+//! **Rooms across servers** (`--cluster nats://HOST:4222`, with the
+//! `cluster` feature): several chat servers form one chat, a room's members
+//! spread over them (docs/CLUSTER.md). Each server tells the others who is
+//! in which of its rooms ([`Cluster::publish`]: a line per member with its
+//! cluster-wide id), on every change and every [`REPEAT_MEMBERS`]; a
+//! server not heard from for [`REMOTE_TTL`] is taken as gone with its
+//! members. A room's lines and notices reach the members on other servers
+//! by targeted send ([`Cluster::send`] to their ids), one reference-counted
+//! frame for all; WHO and the room size count them. Nicknames are unique
+//! per server only; delivery across servers is at most once.
+//!
+//! ```sh
+//! nats-server -p 4222 &
+//! cargo run --release --example chat -- --listen 127.0.0.1:9501 --cluster nats://127.0.0.1:4222 &
+//! cargo run --release --example chat -- --listen 127.0.0.1:9502 --cluster nats://127.0.0.1:4222 &
+//! ```
+//!
 //! **Leaving.** `on_close` removes the user from the directory, drops its
 //! mailbox, and tells the room `* NAME left ROOM` like any other delivery:
 //! the notice goes into the members' mailboxes and each is woken with a
@@ -106,6 +123,8 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Parser;
+#[cfg(feature = "cluster")]
+use cport::cluster::{Cluster, ClusterConfig};
 use cport::frame::Frame;
 use cport::server::{
     CloseInfo, ConnId, Ctx, Engine, EngineConfig, EngineRef, Handler, MAX_TIMER_VALUE,
@@ -257,7 +276,32 @@ pub struct Chat {
     directory: Mutex<Directory>,
     /// One mailbox per open connection.
     mail: Mutex<HashMap<ConnId, Mailbox>>,
+    /// The cluster this chat spans, if any.
+    #[cfg(feature = "cluster")]
+    cluster: Option<Arc<Cluster>>,
+    /// Room members on the other nodes, by node number, as each last said.
+    #[cfg(feature = "cluster")]
+    remote: Mutex<HashMap<u16, Remote>>,
 }
+
+/// What another node last said its rooms hold.
+#[cfg(feature = "cluster")]
+#[derive(Debug)]
+struct Remote {
+    heard: std::time::Instant,
+    /// Room -> (nickname, cluster-wide id) of each member there.
+    rooms: HashMap<String, Vec<(String, u64)>>,
+}
+
+/// A node that has not repeated its room list for this long is taken as
+/// gone, and its members with it.
+#[cfg(feature = "cluster")]
+pub const REMOTE_TTL: Duration = Duration::from_secs(10);
+
+/// How often a node repeats its room list to the others (so that a node
+/// that joins late, or missed a change, catches up).
+#[cfg(feature = "cluster")]
+pub const REPEAT_MEMBERS: Duration = Duration::from_secs(2);
 
 impl Chat {
     /// A chat with no one in it.
@@ -266,8 +310,112 @@ impl Chat {
             cfg,
             directory: Mutex::new(Directory::default()),
             mail: Mutex::new(HashMap::new()),
+            #[cfg(feature = "cluster")]
+            cluster: None,
+            #[cfg(feature = "cluster")]
+            remote: Mutex::new(HashMap::new()),
         }
     }
+
+    /// A chat whose rooms span every node of `cluster`: each node tells
+    /// the others who is in which of its rooms ([`Cluster::publish`]), and
+    /// a room's lines reach its members on other nodes by targeted send
+    /// ([`Cluster::send`] to their cluster-wide ids). Nicknames are unique
+    /// per node only.
+    #[cfg(feature = "cluster")]
+    pub fn with_cluster(cfg: ChatConfig, cluster: Arc<Cluster>) -> Arc<Chat> {
+        let mut chat = Chat::new(cfg);
+        chat.cluster = Some(cluster.clone());
+        let chat = Arc::new(chat);
+        let weak = Arc::downgrade(&chat);
+        cluster.set_receiver(Arc::new(move |_engine, node, bytes| {
+            if let Some(chat) = weak.upgrade() {
+                chat.on_remote(node, &bytes);
+            }
+        }));
+        chat
+    }
+
+    /// Tells the other nodes who is in which room here (every change, and
+    /// every [`REPEAT_MEMBERS`] from `main`): one line `ROOM\tNICK\tID`
+    /// per member.
+    #[cfg(feature = "cluster")]
+    pub fn publish_members(&self) {
+        let Some(cluster) = &self.cluster else {
+            return;
+        };
+        let mut out = String::new();
+        {
+            let dir = self.lock_directory();
+            for (room, members) in &dir.rooms {
+                for (nick, id) in members {
+                    out.push_str(&format!("{room}\t{nick}\t{}\n", cluster.id_of(*id)));
+                }
+            }
+        }
+        cluster.publish(bytes::Bytes::from(out));
+    }
+
+    #[cfg(not(feature = "cluster"))]
+    fn publish_members(&self) {}
+
+    /// Another node's room list: replaces what it said before. Lines that
+    /// do not parse are skipped.
+    #[cfg(feature = "cluster")]
+    fn on_remote(&self, node: u16, bytes: &[u8]) {
+        let mut rooms: HashMap<String, Vec<(String, u64)>> = HashMap::new();
+        for line in String::from_utf8_lossy(bytes).lines() {
+            let mut f = line.split('\t');
+            let (Some(room), Some(nick), Some(id)) = (f.next(), f.next(), f.next()) else {
+                continue;
+            };
+            let (Ok(room), Ok(nick), Ok(id)) = (
+                valid_name(room.as_bytes(), "room"),
+                valid_name(nick.as_bytes(), "nickname"),
+                id.parse::<u64>(),
+            ) else {
+                continue;
+            };
+            rooms
+                .entry(room.to_owned())
+                .or_default()
+                .push((nick.to_owned(), id));
+        }
+        let heard = std::time::Instant::now();
+        lock(&self.remote).insert(node, Remote { heard, rooms });
+    }
+
+    /// Members of `room` on other nodes, from lists heard lately.
+    #[cfg(feature = "cluster")]
+    fn remote_members(&self, room: &str) -> Vec<(String, u64)> {
+        let mut remote = lock(&self.remote);
+        remote.retain(|_, r| r.heard.elapsed() < REMOTE_TTL);
+        remote
+            .values()
+            .filter_map(|r| r.rooms.get(room))
+            .flatten()
+            .cloned()
+            .collect()
+    }
+
+    #[cfg(not(feature = "cluster"))]
+    fn remote_members(&self, _room: &str) -> Vec<(String, u64)> {
+        Vec::new()
+    }
+
+    /// Sends `frame` to the members of `room` on other nodes.
+    #[cfg(feature = "cluster")]
+    fn send_remote(&self, engine: EngineRef<'_>, room: &str, frame: &Frame) {
+        let Some(cluster) = &self.cluster else {
+            return;
+        };
+        for (_, id) in self.remote_members(room) {
+            cluster.send(engine, id, frame.wire().clone());
+        }
+    }
+
+    #[cfg(not(feature = "cluster"))]
+    fn send_remote(&self, _engine: EngineRef<'_>, _room: &str, _frame: &Frame) {}
 
     /// Counts what the chat holds, for monitoring and leak checks.
     pub fn census(&self) -> Census {
@@ -346,7 +494,11 @@ impl Chat {
         ctx.send_frame(Frame::new(cmd::OK, format!("nick {name}").as_bytes()));
         if let (Some(members), Some(old)) = (members, old) {
             let line = notice(&format!("* {old} is now known as {name}"));
+            if let Some(room) = &room {
+                self.send_remote(ctx.engine(), room, &line);
+            }
             self.deliver(ctx, &members, line);
+            self.publish_members();
         }
         Ok(())
     }
@@ -371,7 +523,10 @@ impl Chat {
         };
         session(ctx)?.room = Some(room.to_owned());
         ctx.send_frame(Frame::new(cmd::OK, format!("joined {room}").as_bytes()));
-        self.deliver(ctx, &members, notice(&format!("* {nick} joined {room}")));
+        let line = notice(&format!("* {nick} joined {room}"));
+        self.send_remote(ctx.engine(), room, &line);
+        self.deliver(ctx, &members, line);
+        self.publish_members();
         Ok(())
     }
 
@@ -383,6 +538,7 @@ impl Chat {
         let members = self.members(&room);
         // Encoded once; every mailbox holds a reference to the same bytes.
         let line = Frame::new(cmd::MSG, format!("{nick}: {text}").as_bytes());
+        self.send_remote(ctx.engine(), &room, &line);
         self.deliver(ctx, &members, line);
         Ok(())
     }
@@ -395,6 +551,7 @@ impl Chat {
         let nick = s.nick.clone().unwrap_or_default();
         self.leave_room(ctx, me, &nick, &room);
         ctx.send_frame(Frame::new(cmd::OK, format!("left {room}").as_bytes()));
+        self.publish_members();
         Ok(())
     }
 
@@ -403,10 +560,15 @@ impl Chat {
         let room = session(ctx)?.room.clone().ok_or_else(not_in_room)?;
         let names = {
             let dir = self.lock_directory();
-            dir.rooms
+            let mut names: Vec<String> = dir
+                .rooms
                 .get(&room)
-                .map(|m| m.keys().cloned().collect::<Vec<_>>().join("\n"))
-                .unwrap_or_default()
+                .map(|m| m.keys().cloned().collect())
+                .unwrap_or_default();
+            drop(dir);
+            names.extend(self.remote_members(&room).into_iter().map(|(n, _)| n));
+            names.sort();
+            names.join("\n")
         };
         ctx.send_frame(Frame::new(cmd::NAMES, names.as_bytes()));
         Ok(())
@@ -415,7 +577,9 @@ impl Chat {
     /// Takes `nick` out of `room` and tells those who remain.
     fn leave_room(&self, ctx: &mut Ctx<'_>, me: ConnId, nick: &str, room: &str) {
         let rest = self.remove_member(me, nick, room);
-        self.deliver(ctx, &rest, notice(&format!("* {nick} left {room}")));
+        let line = notice(&format!("* {nick} left {room}"));
+        self.send_remote(ctx.engine(), room, &line);
+        self.deliver(ctx, &rest, line);
     }
 
     /// Removes a member from the directory (dropping the room if it empties);
@@ -530,7 +694,7 @@ impl Handler for Chat {
             return;
         }
         if let Some(room) = session(ctx).ok().and_then(|s| s.room.clone()) {
-            let n = self.members(&room).len();
+            let n = self.members(&room).len() + self.remote_members(&room).len();
             let users = if n == 1 { "user" } else { "users" };
             ctx.send_frame(notice(&format!("* {n} {users} in {room}")));
         }
@@ -563,7 +727,9 @@ impl Handler for Chat {
             // `post` never locks the members, so it is safe here even with
             // this connection still locked.
             let line = notice(&format!("* {nick} left {room}"));
+            self.send_remote(engine, &room, &line);
             self.post_mail(engine, me, &rest, &line);
+            self.publish_members();
         }
     }
 }
@@ -680,6 +846,15 @@ struct Args {
     /// Bytes waiting for a client before it is dropped as a slow reader.
     #[arg(long, value_name = "SIZE", value_parser = cport::units::parse_size, default_value = "8MiB")]
     max_backlog: u64,
+    /// Span rooms over every chat server of a cluster through the NATS
+    /// server at URL (repeat for several seed servers).
+    #[cfg(feature = "cluster")]
+    #[arg(long = "cluster", value_name = "URL")]
+    cluster: Vec<String>,
+    /// This node's name in the cluster [default: chat-PORT].
+    #[cfg(feature = "cluster")]
+    #[arg(long, value_name = "NAME")]
+    node_name: Option<String>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -691,10 +866,29 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
-    let chat = Arc::new(Chat::new(ChatConfig {
+    let chat_cfg = ChatConfig {
         announce: (!args.announce.is_zero()).then_some(args.announce),
         max_backlog: usize::try_from(args.max_backlog).unwrap_or(usize::MAX),
-    }));
+    };
+    #[cfg(feature = "cluster")]
+    let cluster = if args.cluster.is_empty() {
+        None
+    } else {
+        let name = args
+            .node_name
+            .clone()
+            .unwrap_or_else(|| format!("chat-{}", args.listen.port()));
+        let c =
+            Cluster::start(ClusterConfig::new(args.cluster.clone(), name)).context("--cluster")?;
+        Some(Arc::new(c))
+    };
+    #[cfg(feature = "cluster")]
+    let chat = match &cluster {
+        Some(c) => Chat::with_cluster(chat_cfg, c.clone()),
+        None => Arc::new(Chat::new(chat_cfg)),
+    };
+    #[cfg(not(feature = "cluster"))]
+    let chat = Arc::new(Chat::new(chat_cfg));
     let cfg = EngineConfig {
         workers: args.workers,
         ports: args.ports,
@@ -713,7 +907,26 @@ fn main() -> anyhow::Result<()> {
     })
     .context("cannot install the Ctrl-C handler")?;
     // The workers do everything; the main thread waits for Ctrl-C.
-    let _ = stopped.recv();
+    #[cfg(feature = "cluster")]
+    if let Some(c) = &cluster {
+        // In a cluster, one thread delivers what comes from the other
+        // nodes, and this one repeats the room list now and then.
+        std::thread::scope(|s| {
+            let engine = &engine;
+            s.spawn(move || c.run_delivery(engine.handle()));
+            while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(REPEAT_MEMBERS) {
+                chat.publish_members();
+            }
+            c.stop();
+        });
+    }
+    #[cfg(feature = "cluster")]
+    let in_cluster = cluster.is_some();
+    #[cfg(not(feature = "cluster"))]
+    let in_cluster = false;
+    if !in_cluster {
+        let _ = stopped.recv();
+    }
 
     let summary = engine.shutdown(Duration::from_secs(1));
     tracing::info!("final summary: {summary}; chat: {:?}", chat.census());

@@ -11,6 +11,9 @@
 //!    stats; the built-in services. [`stress`] (the load generator behind
 //!    `cport stress`) sits beside them, on the same engine.
 //!
+//! [`cluster`] (with the `cluster` feature, on by default) bridges servers
+//! over NATS: BROADCAST and targeted sends across nodes (docs/CLUSTER.md).
+//!
 //! [`chart`] draws SVG charts and self-contained HTML report pages for the
 //! tools (`cport bench`, stress reports); it depends on none of the above.
 //!
@@ -26,6 +29,8 @@ pub mod bench;
 pub mod buf;
 pub mod chart;
 pub mod client;
+#[cfg(feature = "cluster")]
+pub mod cluster;
 pub mod frame;
 pub mod op;
 pub mod port;

@@ -210,6 +210,26 @@ function tiles(st) {
   items.forEach(([, v], i) => { root.children[i].lastChild.textContent = v; });
 }
 
+function cluster(c) {
+  const root = $("cluster");
+  if (!c) { root.hidden = true; return; }
+  root.hidden = false;
+  const st = $("cluster-state");
+  st.dataset.state = c.state === "up" ? "live" : "down";
+  st.textContent = c.state === "up" ? "cluster: up" : `cluster: degraded (${c.reason || "unknown"})`;
+  const dropped = Object.entries(c.dropped || {}).filter(([, v]) => v > 0)
+    .map(([k, v]) => `${k} ${fmt(v, "")}`).join(", ") || "none";
+  $("cluster-figures").textContent =
+    `this node: ${c.node_name} (#${c.node}) · published ${fmt(c.published, "")} · sent ${fmt(c.sent, "")} · ` +
+    `received ${fmt(c.received, "")} · delivered ${fmt(c.delivered, "")} · dropped: ${dropped} · ` +
+    `queues out/in ${fmt(c.queue_out, "")} / ${fmt(c.queue_in, "")} of ${fmt(c.queue_limit, "")} · ` +
+    `NATS round trip ${c.rtt_us == null ? "–" : (c.rtt_us / 1000).toFixed(2) + " ms"}`;
+  const body = $("cluster-nodes").tBodies[0];
+  body.replaceChildren(...(c.nodes || []).map((n) => el("tr", { "data-node": n.name },
+    el("td", {}, n.name), el("td", {}, String(n.node)), el("td", {}, `${n.last_heard_s.toFixed(1)} s ago`))));
+  if (!body.children.length) body.append(el("tr", {}, el("td", { colSpan: 3, class: "muted" }, "no other node heard from")));
+}
+
 function clock(ms) {
   const d = new Date(ms);
   const p = (n, w = 2) => String(n).padStart(w, "0");
@@ -262,6 +282,7 @@ async function poll() {
     if (state.samples.length > MAX_SAMPLES) state.samples.splice(0, state.samples.length - MAX_SAMPLES);
     addEvents(live.events);
     tiles(live.stats);
+    cluster(live.stats.cluster);
     drawAll();
     document.body.dataset.polls = String(Number(document.body.dataset.polls) + 1);
     document.body.dataset.lastSample = String(state.lastSample);

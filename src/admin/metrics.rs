@@ -303,8 +303,121 @@ impl Collector for SnapshotCollector {
                 None,
             )?;
         }
+        if let Some(c) = &s.cluster {
+            encode_cluster(&mut e, c)?;
+        }
         Ok(())
     }
+}
+
+/// The cluster bridge's state and counters (docs/CLUSTER.md).
+fn encode_cluster(
+    e: &mut DescriptorEncoder<'_>,
+    c: &crate::server::ClusterSnapshot,
+) -> Result<(), FmtError> {
+    {
+        let mut m = e.encode_descriptor(
+            "cport_cluster_node",
+            "This node of the cluster: its name, number, state (up or degraded) and why it is degraded.",
+            None,
+            MetricType::Info,
+        )?;
+        let node = c.node.to_string();
+        // Label values go out as they are: keep quotes, backslashes and
+        // line breaks (a NATS server's error text) out of them.
+        let clean = |v: &str| -> String {
+            v.chars()
+                .map(|ch| {
+                    if matches!(ch, '"' | '\\') || ch.is_control() {
+                        '\''
+                    } else {
+                        ch
+                    }
+                })
+                .collect()
+        };
+        let (name, reason) = (
+            clean(&c.node_name),
+            clean(c.reason.as_deref().unwrap_or("")),
+        );
+        m.encode_info(&[
+            ("name", name.as_str()),
+            ("node", node.as_str()),
+            ("state", c.state.as_str()),
+            ("reason", reason.as_str()),
+        ])?;
+    }
+    gauge(
+        e,
+        "cport_cluster_up",
+        "1 when the node is connected to the cluster, 0 when degraded (serving local clients only).",
+        u64::from(c.state == "up"),
+    )?;
+    counter(
+        e,
+        "cport_cluster_published",
+        "Local broadcasts published to the other nodes.",
+        c.published,
+    )?;
+    counter(
+        e,
+        "cport_cluster_sent",
+        "Targeted sends and service messages published to other nodes.",
+        c.sent,
+    )?;
+    counter(
+        e,
+        "cport_cluster_received",
+        "Messages received from other nodes.",
+        c.received,
+    )?;
+    counter(
+        e,
+        "cport_cluster_delivered",
+        "Messages from other nodes handed to local connections.",
+        c.delivered,
+    )?;
+    counters(
+        e,
+        "cport_cluster_dropped",
+        "Cluster messages dropped or lost, by reason.",
+        "reason",
+        c.dropped.iter().map(|(k, v)| (k.as_str(), *v)),
+    )?;
+    gauge(
+        e,
+        "cport_cluster_queue_out",
+        "Messages waiting to be published.",
+        c.queue_out,
+    )?;
+    gauge(
+        e,
+        "cport_cluster_queue_in",
+        "Messages received and waiting to be delivered.",
+        c.queue_in,
+    )?;
+    gauge(
+        e,
+        "cport_cluster_queue_limit",
+        "Bound of each bridge queue.",
+        c.queue_limit,
+    )?;
+    gauge(
+        e,
+        "cport_cluster_nodes",
+        "Other nodes heard from in the last 30 s.",
+        c.nodes.len() as u64,
+    )?;
+    if let Some(rtt) = c.rtt_us {
+        let m = e.encode_descriptor(
+            "cport_cluster_nats_rtt",
+            "Last round trip to the NATS server.",
+            Some(&Unit::Seconds),
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(rtt as f64 / 1e6).encode(m)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

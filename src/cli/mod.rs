@@ -3,6 +3,8 @@
 
 mod bench;
 mod client;
+#[cfg(feature = "cluster")]
+mod cluster;
 mod server;
 mod stress;
 
@@ -24,7 +26,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the server (framed protocol: echo, ping, stats; or raw echo).
-    Server(server::ServerArgs),
+    Server(Box<server::ServerArgs>),
     /// Run the ordinary client: interactive, line mode, or N messages every T.
     Client(client::ClientArgs),
     /// Load a server with thousands of connections and report what it did.
@@ -49,7 +51,7 @@ pub(crate) fn main() -> i32 {
         }
     };
     let result = match cli.command {
-        Command::Server(a) => server::run(a),
+        Command::Server(a) => server::run(*a),
         Command::Client(a) => client::run(a),
         Command::Stress(a) => stress::run_stress(a),
         Command::Bench(a) => bench::run(a),

@@ -134,6 +134,9 @@ pub(crate) struct ServerArgs {
     /// Log level.
     #[arg(long, default_value = "info", value_parser = ["off", "error", "warn", "info", "debug", "trace"])]
     log: String,
+    #[cfg(feature = "cluster")]
+    #[command(flatten)]
+    cluster: super::cluster::ClusterArgs,
 }
 
 pub(crate) fn run(a: ServerArgs) -> anyhow::Result<i32> {
@@ -213,6 +216,18 @@ pub(crate) fn run(a: ServerArgs) -> anyhow::Result<i32> {
         })?,
         None => Services::new(),
     };
+    #[cfg(feature = "cluster")]
+    let cluster = match a.cluster.config(&a.listen, a.max_frame as u32)? {
+        Some(c) => Some(Arc::new(
+            cport::cluster::Cluster::start(c).context("--cluster")?,
+        )),
+        None => None,
+    };
+    #[cfg(feature = "cluster")]
+    let services = match &cluster {
+        Some(c) => services.with_cluster(c.clone()),
+        None => services,
+    };
     // The handler goes in before anything listens: a SIGTERM that comes
     // as soon as the first connection is served must shut down cleanly,
     // not kill the process.
@@ -270,17 +285,40 @@ pub(crate) fn run(a: ServerArgs) -> anyhow::Result<i32> {
         None => None,
     };
 
-    let mut last = (Instant::now(), engine.stats());
-    loop {
-        match rx.recv_timeout(a.summary_every) {
-            Ok(()) | Err(mpsc::RecvTimeoutError::Disconnected) => break,
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                let now = (Instant::now(), engine.stats());
-                log_rates(&last, &now);
-                last = now;
+    let serve = || {
+        let mut last = (Instant::now(), engine.stats());
+        loop {
+            match rx.recv_timeout(a.summary_every) {
+                Ok(()) | Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    let now = (Instant::now(), engine.stats());
+                    log_rates(&last, &now);
+                    last = now;
+                }
             }
         }
+    };
+    #[cfg(feature = "cluster")]
+    match &cluster {
+        // Messages from other nodes are handed to the engine by a thread
+        // of their own, which borrows it until the cluster stops.
+        Some(c) => {
+            c.attach(&engine.observer());
+            std::thread::scope(|s| {
+                let engine = &engine;
+                std::thread::Builder::new()
+                    .name("cport-deliver".into())
+                    .spawn_scoped(s, move || c.run_delivery(engine.handle()))
+                    .context("cannot start the cluster delivery thread")?;
+                serve();
+                c.stop();
+                anyhow::Ok(())
+            })?;
+        }
+        None => serve(),
     }
+    #[cfg(not(feature = "cluster"))]
+    serve();
     if let Some(admin) = admin {
         admin.stop();
     }
@@ -372,6 +410,26 @@ fn log_rates(a: &(Instant, StatsSnapshot), b: &(Instant, StatsSnapshot)) {
         cpu,
         b.1.rss_bytes.unwrap_or(0) as f64 / (1 << 20) as f64,
     );
+    if let Some(c) = &b.1.cluster {
+        let p = a.1.cluster.as_ref().map_or(0, |x| x.published);
+        let r = a.1.cluster.as_ref().map_or(0, |x| x.received);
+        let dropped: u64 = c.dropped.values().sum();
+        tracing::info!(
+            "cluster: {}{} node={} published/s={:.0} received/s={:.0} dropped={} queue_out={} queue_in={} nodes={}",
+            c.state,
+            c.reason
+                .as_ref()
+                .map(|r| format!(" ({r})"))
+                .unwrap_or_default(),
+            c.node_name,
+            rate(p, c.published),
+            rate(r, c.received),
+            dropped,
+            c.queue_out,
+            c.queue_in,
+            c.nodes.len(),
+        );
+    }
 }
 
 #[cfg(test)]

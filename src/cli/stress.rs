@@ -28,6 +28,10 @@ pub(crate) enum ModeArg {
     Pingpong,
     /// --window requests in flight per connection (throughput).
     Flood,
+    /// Connections take turns sending BROADCAST frames, --rate a second in
+    /// all; every connection checks it gets each one exactly once, in each
+    /// sender's order (give every node of a cluster with --connect).
+    Broadcast,
 }
 
 /// A list of source addresses, from `FIRST-LAST` or one address.
@@ -78,6 +82,9 @@ pub(crate) struct StressArgs {
     /// Body bytes of each ECHO frame (e.g. 512, 4KiB).
     #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "64")]
     size: u64,
+    /// Broadcasts per second over all connections (broadcast mode).
+    #[arg(long, value_name = "N", default_value_t = 100.0)]
+    rate: f64,
     /// Requests in flight per connection (flood mode).
     #[arg(long, value_name = "N", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=4096))]
     window: u32,
@@ -184,6 +191,9 @@ fn create(path: &PathBuf, what: &str) -> anyhow::Result<File> {
 
 pub(crate) fn run_stress(a: StressArgs) -> anyhow::Result<i32> {
     init_logging(&a.log)?;
+    if let ModeArg::Broadcast = a.mode {
+        return run_broadcast(&a);
+    }
     let cfg = StressConfig {
         targets: a.connect.clone(),
         sources: a.source_range.clone().map(|s| s.0).unwrap_or_default(),
@@ -192,6 +202,7 @@ pub(crate) fn run_stress(a: StressArgs) -> anyhow::Result<i32> {
             ModeArg::Interval => Mode::Interval,
             ModeArg::Pingpong => Mode::Pingpong,
             ModeArg::Flood => Mode::Flood,
+            ModeArg::Broadcast => unreachable!("broadcast mode runs on its own"),
         },
         messages: a.messages,
         interval: a.interval,
@@ -276,6 +287,32 @@ pub(crate) fn run_stress(a: StressArgs) -> anyhow::Result<i32> {
         return Ok(1);
     }
     Ok(0)
+}
+
+/// `--mode broadcast`: one process, its own report (see
+/// `cport::stress::broadcast`). Exit code 1 unless every delivery checked out.
+fn run_broadcast(a: &StressArgs) -> anyhow::Result<i32> {
+    let cfg = cport::stress::broadcast::BroadcastConfig {
+        targets: a.connect.clone(),
+        connections: a.connections,
+        rate: a.rate,
+        size: usize::try_from(a.size).unwrap_or(usize::MAX),
+        duration: a.duration.unwrap_or(Duration::from_secs(10)),
+        connect_timeout: a.connect_timeout.max(Duration::from_secs(10)),
+        threads: a.threads as usize,
+        backend: a.backend.kind()?,
+    };
+    let report = match cport::stress::broadcast::run_broadcast(&cfg) {
+        Ok(r) => r,
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => anyhow::bail!("{e}"),
+        Err(e) => return Err(e).context(start_failure(cfg.backend)),
+    };
+    let text = report.text(&cfg);
+    print!("{text}");
+    if let Some(path) = &a.report {
+        std::fs::write(path, &text).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(if report.ok() { 0 } else { 1 })
 }
 
 pub(crate) fn run_stress_worker(a: WorkerArgs) -> anyhow::Result<i32> {

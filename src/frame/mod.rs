@@ -131,6 +131,15 @@ impl Frame {
         Frame::new(cmd, &body)
     }
 
+    /// A frame from its complete wire encoding (header + body), without a
+    /// copy; `None` unless `wire` is exactly one frame (its header's length
+    /// matches what follows).
+    pub fn from_wire(wire: Bytes) -> Option<Frame> {
+        let header: &[u8; HEADER_LEN] = wire.get(..HEADER_LEN)?.try_into().ok()?;
+        let (len, cmd) = parse_header(header);
+        (wire.len() - HEADER_LEN == len as usize).then_some(Frame { cmd, wire })
+    }
+
     /// The frame's command number (see [`cmd`]).
     pub fn cmd(&self) -> u32 {
         self.cmd

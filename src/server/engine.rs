@@ -148,7 +148,16 @@ const TAG_LISTENER: u64 = 1;
 const TAG_CTRL: u64 = 2;
 const PORT_SHIFT: u32 = 56;
 const MAX_PORTS: usize = 64;
-const GEN_MASK: u32 = 0xFF_FFFF;
+/// 22 bits of generation (of the 24 the key has room for), so that a
+/// cluster-wide id (see [`ConnId::cluster_id`]) carries it whole.
+const GEN_MASK: u32 = 0x3F_FFFF;
+/// Cluster-wide ids: 12-bit node, 6-bit port, 22-bit generation, 24-bit slot.
+const CLUSTER_NODE_SHIFT: u32 = 52;
+const CLUSTER_PORT_SHIFT: u32 = 46;
+const CLUSTER_GEN_SHIFT: u32 = 24;
+const CLUSTER_SLOT_MASK: u64 = 0xFF_FFFF;
+/// The largest node number a cluster-wide id carries.
+pub const MAX_NODE: u16 = 0xFFF;
 /// Listener keys with this bit are the accept back-off timer.
 const LISTENER_TIMER: u64 = 1 << 32;
 const CTRL_EXIT: u64 = 1;
@@ -165,6 +174,34 @@ impl ConnId {
     }
     pub(crate) fn key(self) -> u64 {
         self.0
+    }
+
+    /// This connection's id across a cluster of servers: node number
+    /// `node` (1 to [`MAX_NODE`]) and the connection, packed in a `u64`.
+    /// `None` if `node` is out of range, or for a slot past 2^24 (more
+    /// than 16 million connections on one port).
+    pub fn cluster_id(self, node: u16) -> Option<u64> {
+        if node == 0 || node > MAX_NODE || self.slot() as u64 > CLUSTER_SLOT_MASK {
+            return None;
+        }
+        let generation = (self.0 >> 32) & GEN_MASK as u64;
+        Some(
+            ((node as u64) << CLUSTER_NODE_SHIFT)
+                | ((self.port() as u64) << CLUSTER_PORT_SHIFT)
+                | (generation << CLUSTER_GEN_SHIFT)
+                | self.slot() as u64,
+        )
+    }
+
+    /// The node number and connection a cluster-wide id names (the
+    /// inverse of [`cluster_id`](Self::cluster_id)); node 0 for a value
+    /// that is not a cluster-wide id.
+    pub fn from_cluster_id(id: u64) -> (u16, ConnId) {
+        let node = (id >> CLUSTER_NODE_SHIFT) as u16;
+        let port = ((id >> CLUSTER_PORT_SHIFT) & 0x3F) as usize;
+        let generation = ((id >> CLUSTER_GEN_SHIFT) & GEN_MASK as u64) as u32;
+        let slot = (id & CLUSTER_SLOT_MASK) as usize;
+        (node, ConnId::new(port, generation, slot))
     }
     pub(crate) fn port(self) -> usize {
         ((self.0 >> PORT_SHIFT) & 0x3F) as usize
@@ -346,6 +383,25 @@ impl EngineRef<'_> {
     /// as a slow consumer (ERROR 7), as for broadcasts.
     pub fn send(&self, id: ConnId, bytes: bytes::Bytes) -> bool {
         self.shared.send_to(id, bytes)
+    }
+
+    /// Sends a BROADCAST frame (cmd 2, body = `sender` as u64 big-endian +
+    /// `body`) to every connection of the engine, as
+    /// [`Ctx::broadcast`] does with the calling connection's id; here the
+    /// caller names the sender (e.g. a cluster-wide id). Safe from any
+    /// callback and any thread. Returns the recipients.
+    pub fn broadcast(&self, sender: u64, body: &[u8]) -> usize {
+        let mut b = Vec::with_capacity(8 + body.len());
+        b.extend_from_slice(&sender.to_be_bytes());
+        b.extend_from_slice(body);
+        self.broadcast_frame(frame::Frame::new(frame::cmd::BROADCAST, &b))
+    }
+
+    /// Queues one frame, built once and shared (never copied per
+    /// recipient), on every connection of the engine. Safe from any
+    /// callback and any thread. Returns the recipients.
+    pub fn broadcast_frame(&self, frame: frame::Frame) -> usize {
+        self.shared.broadcast(frame.into_wire()).0
     }
 
     /// Closes connection `id` after its queued bytes are sent. Returns false
@@ -952,6 +1008,7 @@ impl Shared {
             s.cpu_s = Some(u.cpu.as_secs_f64());
             s.rss_bytes = Some(u.rss);
         }
+        s.cluster = self.stats.cluster_snapshot();
         s
     }
 

@@ -16,13 +16,13 @@ use std::time::Duration;
 
 pub use engine::{
     DEFAULT_BROADCAST_RATE, DEFAULT_FILE_COPY_BELOW, DEFAULT_FRAME_MIN_RATE, DEFAULT_FRAME_TIMEOUT,
-    Engine, EngineConfig, EngineRef, MAX_POST_VALUE, Protocol,
+    Engine, EngineConfig, EngineRef, MAX_NODE, MAX_POST_VALUE, Protocol,
 };
 pub use handler::{CloseInfo, Ctx, Handler, MAX_TIMER_VALUE};
 pub use services::Services;
 pub use stats::{
-    COMMANDS, CloseReason, CommandCounts, ERROR_KINDS, EVENT_LOG_LEN, Event, LatencyBucket,
-    LatencySnapshot, Observer, Stats, StatsSnapshot,
+    COMMANDS, CloseReason, ClusterNode, ClusterSnapshot, ClusterSource, CommandCounts, ERROR_KINDS,
+    EVENT_LOG_LEN, Event, LatencyBucket, LatencySnapshot, Observer, Stats, StatsSnapshot,
 };
 
 /// Identity of a connection: its port, its slot in that port's table, and

@@ -18,6 +18,9 @@ use crate::server::handler::{Ctx, Handler};
 pub struct Services {
     /// The directory FILE serves from (`--files`), opened once.
     files: Option<File>,
+    /// The cluster BROADCAST also goes to (`--cluster`).
+    #[cfg(feature = "cluster")]
+    cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 impl Services {
@@ -35,7 +38,19 @@ impl Services {
                 format!("{} is not a directory", dir.display()),
             ));
         }
-        Ok(Services { files: Some(root) })
+        Ok(Services {
+            files: Some(root),
+            #[cfg(feature = "cluster")]
+            cluster: None,
+        })
+    }
+
+    /// The same service with BROADCAST reaching every client of every node
+    /// of `cluster` (and carrying cluster-wide sender ids).
+    #[cfg(feature = "cluster")]
+    pub fn with_cluster(mut self, cluster: Arc<crate::cluster::Cluster>) -> Services {
+        self.cluster = Some(cluster);
+        self
     }
 
     /// FILE: the reply is a frame header announcing the file's size, then
@@ -138,6 +153,11 @@ impl Handler for Services {
             cmd::ECHO => ctx.send_frame(f),
             cmd::PING => ctx.send_frame(Frame::from_parts(cmd::PONG, f.body())),
             cmd::BROADCAST => {
+                #[cfg(feature = "cluster")]
+                if let Some(c) = &self.cluster {
+                    c.broadcast(ctx.engine(), ctx.id(), &f.body());
+                    return;
+                }
                 ctx.broadcast(&f.body());
             }
             cmd::FILE => self.file(ctx, f),

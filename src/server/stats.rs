@@ -218,6 +218,8 @@ pub struct Stats {
     shards: Box<[Shard]>,
     /// Latency histogram and event log are recorded.
     live: AtomicBool,
+    /// What reports the cluster bridge's state into every snapshot, if any.
+    cluster: Mutex<Option<Arc<dyn ClusterSource>>>,
     events: Mutex<EventRing>,
 }
 
@@ -261,11 +263,21 @@ impl Stats {
         Stats {
             shards: (0..workers + 1).map(|_| Shard::default()).collect(),
             live: AtomicBool::new(false),
+            cluster: Mutex::new(None),
             events: Mutex::new(EventRing {
                 next_seq: 1,
                 ring: VecDeque::new(),
             }),
         }
+    }
+
+    pub(crate) fn cluster_snapshot(&self) -> Option<ClusterSnapshot> {
+        let source = self
+            .cluster
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        source.map(|c| c.cluster_snapshot())
     }
 
     fn shard(&self) -> &Shard {
@@ -671,6 +683,63 @@ pub struct StatsSnapshot {
     pub cpu_s: Option<f64>,
     /// Process resident memory in bytes, when readable.
     pub rss_bytes: Option<u64>,
+    /// The cluster bridge, when the server is in a cluster.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterSnapshot>,
+}
+
+/// A cluster bridge's state, as STATS, `/metrics` and the dashboard show it
+/// (docs/CLUSTER.md).
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct ClusterSnapshot {
+    /// This node's name.
+    pub node_name: String,
+    /// This node's number (the top bits of its connections' cluster-wide ids).
+    pub node: u16,
+    /// "up" or "degraded".
+    pub state: String,
+    /// Why it is degraded (`None` when up).
+    pub reason: Option<String>,
+    /// The NATS servers it was given.
+    pub servers: Vec<String>,
+    /// Local broadcasts published to the cluster.
+    pub published: u64,
+    /// Targeted sends published to other nodes.
+    pub sent: u64,
+    /// Messages received from other nodes.
+    pub received: u64,
+    /// Of those, delivered to local connections (broadcasts and targeted sends).
+    pub delivered: u64,
+    /// Messages dropped or lost, by reason.
+    pub dropped: BTreeMap<String, u64>,
+    /// Messages waiting to be published now.
+    pub queue_out: u64,
+    /// Messages received and waiting to be delivered now.
+    pub queue_in: u64,
+    /// Bound of each queue.
+    pub queue_limit: u64,
+    /// Last NATS round-trip time in microseconds.
+    pub rtt_us: Option<u64>,
+    /// The other nodes heard from, by name.
+    pub nodes: Vec<ClusterNode>,
+}
+
+/// Another node of the cluster, as last heard from.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct ClusterNode {
+    /// Its name.
+    pub name: String,
+    /// Its node number.
+    pub node: u16,
+    /// Seconds since it was last heard from.
+    pub last_heard_s: f64,
+}
+
+/// Reports a [`ClusterSnapshot`] into an engine's snapshots (see
+/// [`Observer::set_cluster`]).
+pub trait ClusterSource: Send + Sync + std::fmt::Debug + 'static {
+    /// The state now.
+    fn cluster_snapshot(&self) -> ClusterSnapshot;
 }
 
 /// A handle on an engine's counters and event log that any thread may
@@ -697,6 +766,17 @@ impl Observer {
     /// Turns recording of the latency histogram and the event log on or off.
     pub fn set_live(&self, on: bool) {
         self.shared.stats.live.store(on, Ordering::Relaxed);
+    }
+
+    /// Makes every snapshot (STATS, `/stats`, `/metrics`, the dashboard)
+    /// carry `source`'s cluster state.
+    pub fn set_cluster(&self, source: Arc<dyn ClusterSource>) {
+        *self
+            .shared
+            .stats
+            .cluster
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(source);
     }
 
     /// Events after `after` (by [`Event::seq`]), oldest first, at most `max`

@@ -24,6 +24,7 @@
 //! drain, the engine's shutdown is bounded, and worker processes that
 //! outlive all that are killed.
 
+pub mod broadcast;
 mod content;
 mod html;
 mod load;

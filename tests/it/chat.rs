@@ -16,7 +16,7 @@ use crate::util::{self, DEADLINE, Gate, POLL_STEP};
 
 #[path = "../../examples/chat.rs"]
 #[allow(dead_code)] // the example's `main` and its flags are not used here
-mod chat_example;
+pub(crate) mod chat_example;
 
 use chat_example::{Census, Chat, ChatConfig, cmd, err};
 

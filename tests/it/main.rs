@@ -23,6 +23,8 @@ mod cancel_race;
 mod chat;
 mod cli;
 mod client;
+#[cfg(feature = "cluster")]
+mod cluster;
 mod echo;
 mod engine;
 mod fallback;
