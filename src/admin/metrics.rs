@@ -207,6 +207,12 @@ impl Collector for SnapshotCollector {
             "Completions for connections already gone (dropped).",
             s.late_completions,
         )?;
+        counter(
+            &mut e,
+            "cport_worker_stalls",
+            "Times a worker stayed away from its port longer than the stall threshold (100 ms by default) while handling completions.",
+            s.worker_stalls,
+        )?;
         counters(
             &mut e,
             "cport_completions",

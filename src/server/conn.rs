@@ -109,6 +109,9 @@ pub(crate) struct Conn {
     pub(crate) st: Mutex<ConnState>,
 }
 
+/// Send queue entries an idle connection keeps room for.
+const SENDQ_KEEP: usize = 1024;
+
 /// The mutable part of a connection.
 pub(crate) struct ConnState {
     pub(crate) connecting: bool,
@@ -597,6 +600,11 @@ pub(crate) fn on_sent(
             }
             for b in rest.into_iter().rev() {
                 st.sendq.push_front(Chunk::Bytes(b));
+            }
+            // A burst of pipelined replies left a large ring behind: give
+            // it back rather than hold it for the connection's life.
+            if st.sendq.is_empty() && st.sendq.capacity() > SENDQ_KEEP {
+                st.sendq = VecDeque::new();
             }
         }
         Err(e) => {

@@ -25,6 +25,7 @@ use crate::server::conn::{
 };
 use crate::server::handler::{Ctx, Handler};
 use crate::server::stats::{self, CloseReason, Observer, Stats, StatsSnapshot};
+use crate::server::watch::{self, Watch};
 use crate::server::{ConnId, Summary};
 
 /// Wire protocol of an engine's connections.
@@ -78,6 +79,9 @@ pub struct EngineConfig {
     /// File segments shorter than this are read into memory and sent; longer
     /// ones are sent zero-copy (0: always zero-copy; `usize::MAX`: never).
     pub file_copy_below: usize,
+    /// A worker away from its port for longer than this while handling
+    /// completions is counted as stalled (`worker_stalls`) and logged.
+    pub stall_threshold: Duration,
     /// Settings of each port (its `concurrency` is set from the workers).
     pub port: PortConfig,
 }
@@ -98,6 +102,7 @@ impl Default for EngineConfig {
             keepalive: Some(Duration::from_secs(30)),
             max_queued_total: 1 << 30,
             file_copy_below: DEFAULT_FILE_COPY_BELOW,
+            stall_threshold: watch::DEFAULT_STALL_THRESHOLD,
             port: PortConfig::default(),
         }
     }
@@ -193,6 +198,8 @@ pub(crate) struct Shared {
     /// counts once per recipient, although its memory is shared).
     pub(crate) queued_total: AtomicUsize,
     pub(crate) stats: Stats,
+    /// Worker stalls and the process figures (see `watch`).
+    pub(crate) watch: Watch,
     listeners: Mutex<Vec<Listener>>,
     stopping: AtomicBool,
     exiting: AtomicBool,
@@ -208,6 +215,7 @@ pub(crate) struct Shared {
 pub struct Engine {
     shared: Arc<Shared>,
     threads: Vec<JoinHandle<()>>,
+    watcher: Option<JoinHandle<()>>,
     summary: Option<Summary>,
 }
 
@@ -348,7 +356,14 @@ impl Engine {
                 wait_until: AtomicU64::new(u64::MAX),
             });
         }
+        let names: Vec<String> = ports
+            .iter()
+            .enumerate()
+            .flat_map(|(p, pc)| (0..pc.workers).map(move |w| format!("p{p}w{w}")))
+            .collect();
+        let started = Instant::now();
         let shared = Arc::new(Shared {
+            watch: Watch::new(names, started, cfg.stall_threshold),
             ports,
             handler,
             protocol: cfg.protocol,
@@ -369,7 +384,7 @@ impl Engine {
             exiting: AtomicBool::new(false),
             accept_paused: AtomicBool::new(false),
             next_port: AtomicUsize::new(0),
-            started: Instant::now(),
+            started,
             workers: cfg.workers,
             last_accept_log: Mutex::new(None),
         });
@@ -384,9 +399,14 @@ impl Engine {
                 threads.push(t);
             }
         }
+        let s = shared.clone();
+        let watcher = thread::Builder::new()
+            .name("cport-watch".into())
+            .spawn(move || watch::run(s))?;
         Ok(Engine {
             shared,
             threads,
+            watcher: Some(watcher),
             summary: None,
         })
     }
@@ -549,6 +569,10 @@ impl Engine {
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
+        sh.watch.stop();
+        if let Some(t) = self.watcher.take() {
+            let _ = t.join();
+        }
         sh.lock_listeners().clear();
         let summary = Summary {
             connections_served: snapshot.connections_accepted,
@@ -560,6 +584,7 @@ impl Engine {
             outstanding_ops: sh.outstanding() as u64,
             outstanding_bufs: sh.bufs_leased() as u64,
             connections_left: sh.conn_count() as u64,
+            worker_stalls: sh.watch.stalls(),
             uptime: sh.started.elapsed(),
             backend: sh.ports[0].port.backend().to_string(),
         };
@@ -582,7 +607,9 @@ fn worker_main(shared: Arc<Shared>, p: usize, index: usize) {
     stats::set_worker_shard(index);
     loop {
         let timeout = shared.next_timeout(p);
+        shared.watch.end(index);
         let r = worker.get_many(&mut batch, 32, Some(timeout));
+        shared.watch.begin(index);
         shared.stats.completions(index, batch.len());
         shared.ports[p]
             .wait_until
@@ -597,9 +624,12 @@ fn worker_main(shared: Arc<Shared>, p: usize, index: usize) {
                 exit += 1;
                 continue;
             }
+            shared
+                .watch
+                .doing(index, c.key, watch::doing_of(&c.outcome));
             shared.dispatch(p, c);
         }
-        shared.fire_timers(p);
+        shared.fire_timers(p, index);
         if exit > 0 {
             // Took more than one exit packet: give the others back so every
             // worker gets its own (the seeds' pitfall).
@@ -695,8 +725,9 @@ impl Shared {
         t
     }
 
-    /// Runs the handlers of every timer of port `p` that is due.
-    fn fire_timers(&self, p: usize) {
+    /// Runs the handlers of every timer of port `p` that is due, on
+    /// worker `w`.
+    fn fire_timers(&self, p: usize, w: usize) {
         let now = Instant::now();
         for _ in 0..4096 {
             let next = {
@@ -712,6 +743,7 @@ impl Shared {
             let Some(conn) = self.lookup(id) else {
                 continue;
             };
+            self.watch.doing(w, id.key(), watch::doing::TIMER);
             let mut st = conn.st.lock().unwrap_or_else(|e| e.into_inner());
             if st.finalized || !st.take_timer(key) {
                 continue;
@@ -788,10 +820,13 @@ impl Shared {
             s.cq_full += r.cq_full;
             s.sq_full += r.sq_full;
         }
-        if let Some(u) = crate::port::sys::process_usage() {
-            s.cpu_s = Some(u.cpu.as_secs_f64());
-            s.rss_bytes = Some(u.rss);
-        }
+        // Nothing here may cost more with more connections or descriptors,
+        // or read a file: a worker answers STATS with it. The CPU clock is
+        // one system call; the resident memory is sampled by the watch
+        // thread.
+        s.cpu_s = crate::port::sys::process_cpu().map(|c| c.as_secs_f64());
+        s.rss_bytes = self.watch.rss();
+        s.worker_stalls = self.watch.stalls();
         s
     }
 

@@ -60,6 +60,7 @@
 //! Backends that are not native never see these two calls.
 //!
 //! OS helpers that are not part of the port (process CPU and memory,
+//! returning free heap memory,
 //! descriptor limits, socket options, opening files beneath a directory,
 //! the raw error codes the layers above compare against, in [`errno`])
 //! live here too, so that nothing above `sys` says `cfg(target_os)`.
@@ -74,8 +75,8 @@ mod linux;
 #[cfg(target_os = "linux")]
 pub use linux::{
     ProcessUsage, accept_queue_len, ephemeral_port_range, errno, fd_hard_limit, fd_limit,
-    is_escape, open_beneath, open_dir, process_cpu_rss_of, process_usage, process_usage_of,
-    raise_fd_limit, set_bind_address_no_port, set_keepalive,
+    is_escape, open_beneath, open_dir, process_cpu, process_cpu_rss_of, process_rss, process_usage,
+    process_usage_of, raise_fd_limit, set_bind_address_no_port, set_keepalive, trim_heap,
 };
 #[cfg(target_os = "linux")]
 use linux::{map_pages, unmap_pages};
@@ -93,8 +94,8 @@ mod pool;
 #[cfg(windows)]
 pub use windows::{
     ProcessUsage, accept_queue_len, ephemeral_port_range, errno, fd_hard_limit, fd_limit,
-    is_escape, open_beneath, open_dir, process_cpu_rss_of, process_usage, process_usage_of,
-    raise_fd_limit, set_bind_address_no_port, set_keepalive,
+    is_escape, open_beneath, open_dir, process_cpu, process_cpu_rss_of, process_rss, process_usage,
+    process_usage_of, raise_fd_limit, set_bind_address_no_port, set_keepalive, trim_heap,
 };
 
 use std::collections::VecDeque;
