@@ -140,6 +140,9 @@ pub(crate) fn run(a: ServerArgs) -> anyhow::Result<i32> {
         // Before anything starts: a refused address is a bad flag.
         cport::admin::check_addr(addr, a.admin_public).map_err(|e| admin_error(addr, e))?;
     }
+    // Memory a burst made the allocator take goes back once the burst is
+    // over (see docs/reliability/hostile.md).
+    sys::limit_heap_retention();
     let fd_limit = sys::raise_fd_limit().unwrap_or(1024);
     let mut cfg = EngineConfig {
         workers,

@@ -235,7 +235,10 @@ impl Trim {
         let drained = self.peak_queued.saturating_sub(queued) >= TRIM_DRAINED
             && queued <= self.peak_queued / 4;
         let left = self.peak_open.saturating_sub(open) >= (self.peak_open / 4).max(16);
-        let quiet = rss >= self.floor + TRIM_GROWN && rate <= self.peak_rate / 8;
+        // Not while replies pile up unread: that memory is in use.
+        let quiet = rss >= self.floor + TRIM_GROWN
+            && rate <= self.peak_rate / 8
+            && queued <= self.peak_queued / 4;
         let settled = self.follow_up && self.was == (queued, open);
         self.was = (queued, open);
         // Replies drained and connections gone free memory for certain:

@@ -28,6 +28,7 @@ mod engine;
 mod fallback;
 mod fault;
 mod hostile;
+mod hostile_limits;
 mod netpath;
 mod port;
 mod protocol;

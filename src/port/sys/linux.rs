@@ -67,6 +67,28 @@ pub fn trim_heap() -> bool {
     unsafe { libc::malloc_trim(0) != 0 }
 }
 
+/// Makes the allocator keep less free memory for itself (glibc): blocks of
+/// 1 MiB and more get mappings of their own, unmapped when freed, and the
+/// free top of every arena over 1 MiB is returned at once. Without this,
+/// glibc raises both thresholds as large blocks come and go (up to 32 and
+/// 64 MiB), and the top of a thread's arena is never given back, not even
+/// by [`trim_heap`]: after a burst a server kept tens of MiB it no longer
+/// used. Call once, before the threads start.
+#[cfg(target_env = "gnu")]
+pub fn limit_heap_retention() {
+    // SAFETY: mallopt only changes allocator parameters; both values are
+    // in range.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 20);
+    }
+}
+
+/// Makes the allocator keep less free memory: nothing to set with this C
+/// library.
+#[cfg(not(target_env = "gnu"))]
+pub fn limit_heap_retention() {}
+
 /// Gives the memory the allocator holds free back to the operating system:
 /// nothing to do with this C library. Returns false.
 #[cfg(not(target_env = "gnu"))]

@@ -57,6 +57,10 @@ pub fn trim_heap() -> bool {
     false
 }
 
+/// Makes the allocator keep less free memory: the Windows heap needs no
+/// setting.
+pub fn limit_heap_retention() {}
+
 /// Reads the CPU time and working set of process `pid`; `None` if it is
 /// gone or we may not query it.
 pub fn process_usage_of(pid: u32) -> Option<ProcessUsage> {
