@@ -120,6 +120,7 @@ const GEN_MASK: u32 = 0xFF_FFFF;
 const LISTENER_TIMER: u64 = 1 << 32;
 const CTRL_EXIT: u64 = 1;
 const CTRL_TIMERS: u64 = 2;
+const CTRL_WAKE: u64 = 3;
 
 impl ConnId {
     pub(crate) fn new(port: usize, generation: u32, slot: usize) -> ConnId {
@@ -605,6 +606,7 @@ fn worker_main(shared: Arc<Shared>, p: usize, index: usize) {
     let mut worker = shared.ports[p].port.worker();
     let mut batch = Vec::with_capacity(32);
     stats::set_worker_shard(index);
+    let mut trims_seen = 0;
     loop {
         let timeout = shared.next_timeout(p);
         shared.watch.end(index);
@@ -630,6 +632,7 @@ fn worker_main(shared: Arc<Shared>, p: usize, index: usize) {
             shared.dispatch(p, c);
         }
         shared.fire_timers(p, index);
+        shared.watch.after_batch(&mut trims_seen);
         if exit > 0 {
             // Took more than one exit packet: give the others back so every
             // worker gets its own (the seeds' pitfall).
@@ -646,6 +649,15 @@ fn worker_main(shared: Arc<Shared>, p: usize, index: usize) {
 }
 
 impl Shared {
+    /// Wakes every worker once (a completion that does nothing).
+    pub(crate) fn wake_workers(&self) {
+        for pc in &self.ports {
+            for _ in 0..pc.workers {
+                pc.port.post(TAG_CTRL << TAG_SHIFT, CTRL_WAKE);
+            }
+        }
+    }
+
     /// Puts `bytes` in connection `id`'s inbox and wakes its worker.
     pub(crate) fn send_to(&self, id: ConnId, bytes: bytes::Bytes) -> bool {
         let Some(conn) = self.lookup(id) else {

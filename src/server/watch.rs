@@ -14,12 +14,18 @@
 //!   (`worker_stalls` in STATS and `/metrics`) and logged, at most once a
 //!   second, with the worker, the completion it is handling and the
 //!   connection.
-//! - **Memory after a burst.** When the bytes queued for sending have
-//!   fallen far from their peak (a burst of unread replies drained or
-//!   dropped), the allocator is asked to give its free pages back to the
-//!   operating system (`malloc_trim` with glibc), at most every few
-//!   seconds, backing off when there is nothing to give back. See
-//!   docs/reliability/hostile.md for the figures.
+//! - **Memory after a burst.** Once the load has dropped and the bytes
+//!   queued for sending have fallen far from their peak (a burst of unread
+//!   replies drained or dropped) or connections have left, the allocator is
+//!   asked to give its free pages back to the operating system
+//!   (`malloc_trim` with glibc), at most every few seconds. Not while the
+//!   load lasts: the trim holds the allocator's locks while it walks its
+//!   free lists, and the workers allocate. After a trim each worker, woken
+//!   for it, returns the free top of its own arena, which the trim cannot
+//!   (`port::sys::trim_thread_heap`). (`cport server` also makes
+//!   glibc keep less free memory in the first place, see
+//!   `port::sys::limit_heap_retention`.) See docs/reliability/hostile.md
+//!   for the figures.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -95,6 +101,9 @@ pub(crate) struct Watch {
     stalls: AtomicU64,
     /// Resident memory in bytes at the last sample (0: unknown).
     rss: AtomicU64,
+    /// Bumped after each trim: each worker then returns its own arena's
+    /// free top (see `port::sys::trim_thread_heap`).
+    trims: AtomicU64,
     stop: Mutex<bool>,
     wake: Condvar,
 }
@@ -109,6 +118,7 @@ impl Watch {
             stall_after,
             stalls: AtomicU64::new(0),
             rss: AtomicU64::new(crate::port::sys::process_rss().unwrap_or(0)),
+            trims: AtomicU64::new(0),
             stop: Mutex::new(false),
             wake: Condvar::new(),
         }
@@ -143,6 +153,17 @@ impl Watch {
         }
     }
 
+    /// Called by a worker after each batch: returns its arena's free top
+    /// when a trim happened since it last looked (`seen`).
+    #[inline]
+    pub(crate) fn after_batch(&self, seen: &mut u64) {
+        let t = self.trims.load(Ordering::Relaxed);
+        if t != *seen {
+            *seen = t;
+            crate::port::sys::trim_thread_heap();
+        }
+    }
+
     /// Stalls counted so far.
     pub(crate) fn stalls(&self) -> u64 {
         self.stalls.load(Ordering::Relaxed)
@@ -174,11 +195,12 @@ impl Watch {
     }
 }
 
-/// How the watch thread decides to give free memory back: once the load
-/// that made the allocator grow has gone (queued replies drained,
-/// connections closed, or the completion rate fallen far from its peak
-/// while resident memory grew), at most every few seconds (the last
-/// reason less often while trims find little to give back).
+/// How the watch thread decides to give free memory back: once the
+/// completion rate has fallen to a quarter of its peak and the memory is
+/// known to be free (queued replies drained, connections closed) or
+/// resident memory grew while the rate fell further, at most every few
+/// seconds (the last reason less often while trims find little to give
+/// back).
 #[derive(Debug)]
 struct Trim {
     /// Since the last trim: most bytes queued for sending, most
@@ -187,7 +209,7 @@ struct Trim {
     peak_open: u64,
     peak_rate: u64,
     completions: u64,
-    /// Resident memory after the last trim (or at start).
+    /// The least resident memory seen at start or after a trim.
     floor: u64,
     /// The last trim was for drained replies or closed connections: one
     /// more once those figures have stopped moving, for what was freed
@@ -202,7 +224,8 @@ struct Trim {
 
 /// Bytes of queued replies that must have drained before a trim is worth it.
 const TRIM_DRAINED: usize = 16 << 20;
-/// Growth of resident memory over the last trim's that a quiet engine gives back.
+/// Growth of resident memory over its least that a quiet engine tries to
+/// give back.
 const TRIM_GROWN: u64 = 32 << 20;
 const TRIM_EVERY_MIN: Duration = Duration::from_secs(2);
 const TRIM_EVERY_MAX: Duration = Duration::from_secs(60);
@@ -241,6 +264,11 @@ impl Trim {
             && queued <= self.peak_queued / 4;
         let settled = self.follow_up && self.was == (queued, open);
         self.was = (queued, open);
+        // Whatever the reason, not while the load lasts: the workers would
+        // wait for the allocator's locks.
+        if rate > self.peak_rate / 4 {
+            return;
+        }
         // Replies drained and connections gone free memory for certain:
         // those trim every few seconds at most. Growth while quiet may be
         // memory in use: that trims less often each time it finds little.
@@ -255,6 +283,10 @@ impl Trim {
         let t = Instant::now();
         let released = crate::port::sys::trim_heap();
         let took = t.elapsed();
+        watch.trims.fetch_add(1, Ordering::Relaxed);
+        shared.wake_workers();
+        // The workers return their arenas' tops as they wake.
+        std::thread::sleep(Duration::from_millis(50));
         let after = crate::port::sys::process_rss().unwrap_or(rss);
         watch.rss.store(after, Ordering::Relaxed);
         let gave = rss.saturating_sub(after);
@@ -274,7 +306,7 @@ impl Trim {
         self.peak_queued = queued;
         self.peak_open = open;
         self.peak_rate = rate;
-        self.floor = after;
+        self.floor = self.floor.min(after);
     }
 }
 

@@ -96,6 +96,28 @@ pub fn trim_heap() -> bool {
     false
 }
 
+/// Returns the free top of the calling thread's arena (glibc). `malloc_trim`
+/// never shrinks the top of a thread's arena, and a free shrinks it only
+/// when the block it frees merges into a top of 64 KiB or more: when the
+/// last block freed next to the top was a small one, the top stays
+/// resident, however large. Freeing a block taken from that top does it.
+/// Called by each worker after a trim.
+#[cfg(target_env = "gnu")]
+pub fn trim_thread_heap() {
+    // Under the mmap threshold (see `limit_heap_retention`), so it comes
+    // from this thread's arena, and over the 64 KiB that makes a free trim.
+    // SAFETY: a plain malloc/free pair; the block is never touched.
+    unsafe {
+        let p = std::hint::black_box(libc::malloc(256 << 10));
+        libc::free(p);
+    }
+}
+
+/// Returns the free top of the calling thread's arena: nothing to do with
+/// this C library.
+#[cfg(not(target_env = "gnu"))]
+pub fn trim_thread_heap() {}
+
 fn cpu_rss_in(dir: &str) -> Option<(Duration, u64)> {
     let stat = std::fs::read_to_string(format!("{dir}/stat")).ok()?;
     // Fields after the command name, which may contain spaces, so split

@@ -77,7 +77,7 @@ pub use linux::{
     ProcessUsage, accept_queue_len, ephemeral_port_range, errno, fd_hard_limit, fd_limit,
     is_escape, limit_heap_retention, open_beneath, open_dir, process_cpu, process_cpu_rss_of,
     process_rss, process_usage, process_usage_of, raise_fd_limit, set_bind_address_no_port,
-    set_keepalive, trim_heap,
+    set_keepalive, trim_heap, trim_thread_heap,
 };
 #[cfg(target_os = "linux")]
 use linux::{map_pages, unmap_pages};
@@ -97,7 +97,7 @@ pub use windows::{
     ProcessUsage, accept_queue_len, ephemeral_port_range, errno, fd_hard_limit, fd_limit,
     is_escape, limit_heap_retention, open_beneath, open_dir, process_cpu, process_cpu_rss_of,
     process_rss, process_usage, process_usage_of, raise_fd_limit, set_bind_address_no_port,
-    set_keepalive, trim_heap,
+    set_keepalive, trim_heap, trim_thread_heap,
 };
 
 use std::collections::VecDeque;

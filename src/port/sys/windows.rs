@@ -57,6 +57,10 @@ pub fn trim_heap() -> bool {
     false
 }
 
+/// Returns the free memory of the calling thread's heap: nothing to do on
+/// Windows.
+pub fn trim_thread_heap() {}
+
 /// Makes the allocator keep less free memory: the Windows heap needs no
 /// setting.
 pub fn limit_heap_retention() {}
