@@ -213,6 +213,12 @@ impl Collector for SnapshotCollector {
             "FILE replies cut short because the file shrank while being sent.",
             s.file_truncated,
         )?;
+        counter(
+            &mut e,
+            "cport_worker_stalls",
+            "Times a worker stayed away from its port longer than the stall threshold (100 ms by default) while handling completions.",
+            s.worker_stalls,
+        )?;
         counters(
             &mut e,
             "cport_completions",

@@ -120,8 +120,9 @@ pub(crate) struct ServerArgs {
     /// On shutdown, how long connections may flush their queues.
     #[arg(long, value_name = "DUR", value_parser = parse_duration, default_value = "1s")]
     shutdown_grace: Duration,
-    /// How often to log a one-line summary at info.
-    #[arg(long, value_name = "DUR", value_parser = parse_duration, default_value = "5s")]
+    /// How often to log a one-line summary at info, skipped while nothing
+    /// happens (0: never; otherwise at least 100ms).
+    #[arg(long, value_name = "DUR", value_parser = parse_summary_every, default_value = "5s")]
     summary_every: Duration,
     /// Serve /metrics (Prometheus), /stats (JSON) and a live dashboard at /
     /// on this address, e.g. 127.0.0.1:9100 (off by default; loopback only
@@ -166,6 +167,9 @@ pub(crate) fn run(a: ServerArgs) -> anyhow::Result<i32> {
         // Before anything starts: a refused address is a bad flag.
         cport::admin::check_addr(addr, a.admin_public).map_err(|e| admin_error(addr, e))?;
     }
+    // Memory a burst made the allocator take goes back once the burst is
+    // over (see docs/reliability/hostile.md).
+    sys::limit_heap_retention();
     let fd_limit = sys::raise_fd_limit().unwrap_or(1024);
     let budget = FdBudget::new(
         fd_limit,
@@ -287,12 +291,19 @@ pub(crate) fn run(a: ServerArgs) -> anyhow::Result<i32> {
 
     let serve = || {
         let mut last = (Instant::now(), engine.stats());
+        if a.summary_every.is_zero() {
+            let _ = rx.recv();
+            return;
+        }
         loop {
             match rx.recv_timeout(a.summary_every) {
                 Ok(()) | Err(mpsc::RecvTimeoutError::Disconnected) => break,
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     let now = (Instant::now(), engine.stats());
-                    log_rates(&last, &now);
+                    // A line per interval only while something happens.
+                    if changed(&last.1, &now.1) {
+                        log_rates(&last, &now);
+                    }
                     last = now;
                 }
             }
@@ -327,7 +338,12 @@ pub(crate) fn run(a: ServerArgs) -> anyhow::Result<i32> {
         a.shutdown_grace
     );
     let summary = engine.shutdown(a.shutdown_grace);
-    tracing::info!("final summary: {summary}");
+    // The server's most important line: printed whatever --log says.
+    if tracing::enabled!(tracing::Level::INFO) {
+        tracing::info!("final summary: {summary}");
+    } else {
+        eprintln!("final summary: {summary}");
+    }
     if summary.outstanding_ops != 0 || summary.outstanding_bufs != 0 {
         tracing::error!("operations or buffers were still outstanding at exit");
     }
@@ -391,6 +407,34 @@ impl FdBudget {
             file_replies: file_replies as usize,
         }
     }
+}
+
+/// The shortest `--summary-every` other than 0 (off): shorter would spend
+/// the server's time writing its log.
+const SUMMARY_EVERY_MIN: Duration = Duration::from_millis(100);
+
+fn parse_summary_every(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if !d.is_zero() && d < SUMMARY_EVERY_MIN {
+        return Err(format!(
+            "{d:?} is too short: use 0 to turn the summary line off, or at least 100ms"
+        ));
+    }
+    Ok(d)
+}
+
+/// Whether anything happened between two snapshots: traffic, connections
+/// opened or closed, errors.
+fn changed(a: &StatsSnapshot, b: &StatsSnapshot) -> bool {
+    a.frames_in != b.frames_in
+        || a.frames_out != b.frames_out
+        || a.bytes_in != b.bytes_in
+        || a.bytes_out != b.bytes_out
+        || a.connections_open != b.connections_open
+        || a.connections_accepted != b.connections_accepted
+        || a.closed != b.closed
+        || a.errors != b.errors
+        || a.worker_stalls != b.worker_stalls
 }
 
 fn log_rates(a: &(Instant, StatsSnapshot), b: &(Instant, StatsSnapshot)) {

@@ -136,6 +136,8 @@ pub(crate) struct ConnHint {
     /// The connection is closing (its backlog holds no one back).
     pub(crate) closing: AtomicBool,
 }
+/// Send queue entries an idle connection keeps room for.
+const SENDQ_KEEP: usize = 1024;
 
 /// The mutable part of a connection.
 pub(crate) struct ConnState {
@@ -966,6 +968,11 @@ pub(crate) fn on_sent(
             st.front_mid_frame = mid_frame && !rest.is_empty();
             for b in rest.into_iter().rev() {
                 st.sendq.push_front(Chunk::Bytes(b));
+            }
+            // A burst of pipelined replies left a large ring behind: give
+            // it back rather than hold it for the connection's life.
+            if st.sendq.is_empty() && st.sendq.capacity() > SENDQ_KEEP {
+                st.sendq = VecDeque::new();
             }
         }
         Err(e) => {

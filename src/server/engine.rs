@@ -26,6 +26,7 @@ use crate::server::conn::{
 };
 use crate::server::handler::{Ctx, Handler};
 use crate::server::stats::{self, CloseReason, Observer, Stats, StatsSnapshot};
+use crate::server::watch::{self, Watch};
 use crate::server::{ConnId, Summary};
 
 /// Wire protocol of an engine's connections.
@@ -110,6 +111,9 @@ pub struct EngineConfig {
     /// bytes the peer takes, instead of not at all while a multi-megabyte
     /// send buffer drains, so a stalled reply can be told from a slow one.
     pub notsent_lowat: Option<u32>,
+    /// A worker away from its port for longer than this while handling
+    /// completions is counted as stalled (`worker_stalls`) and logged.
+    pub stall_threshold: Duration,
     /// Settings of each port (its `concurrency` is set from the workers).
     pub port: PortConfig,
 }
@@ -136,6 +140,7 @@ impl Default for EngineConfig {
             file_copy_below: usize::MAX,
             max_file_replies: 1024,
             notsent_lowat: None,
+            stall_threshold: watch::DEFAULT_STALL_THRESHOLD,
             port: PortConfig::default(),
         }
     }
@@ -162,6 +167,7 @@ pub const MAX_NODE: u16 = 0xFFF;
 const LISTENER_TIMER: u64 = 1 << 32;
 const CTRL_EXIT: u64 = 1;
 const CTRL_TIMERS: u64 = 2;
+const CTRL_WAKE: u64 = 3;
 
 impl ConnId {
     pub(crate) fn new(port: usize, generation: u32, slot: usize) -> ConnId {
@@ -280,6 +286,8 @@ pub(crate) struct Shared {
     /// counts once per recipient, although its memory is shared).
     pub(crate) queued_total: AtomicUsize,
     pub(crate) stats: Stats,
+    /// Worker stalls and the process figures (see `watch`).
+    pub(crate) watch: Watch,
     listeners: Mutex<Vec<Listener>>,
     stopping: AtomicBool,
     exiting: AtomicBool,
@@ -295,6 +303,7 @@ pub(crate) struct Shared {
 pub struct Engine {
     shared: Arc<Shared>,
     threads: Vec<JoinHandle<()>>,
+    watcher: Option<JoinHandle<()>>,
     summary: Option<Summary>,
 }
 
@@ -465,7 +474,14 @@ impl Engine {
                 wait_until: AtomicU64::new(u64::MAX),
             });
         }
+        let names: Vec<String> = ports
+            .iter()
+            .enumerate()
+            .flat_map(|(p, pc)| (0..pc.workers).map(move |w| format!("p{p}w{w}")))
+            .collect();
+        let started = Instant::now();
         let shared = Arc::new(Shared {
+            watch: Watch::new(names, started, cfg.stall_threshold),
             ports,
             handler,
             protocol: cfg.protocol,
@@ -494,7 +510,7 @@ impl Engine {
             exiting: AtomicBool::new(false),
             accept_paused: AtomicBool::new(false),
             next_port: AtomicUsize::new(0),
-            started: Instant::now(),
+            started,
             workers: cfg.workers,
             last_accept_log: Mutex::new(None),
         });
@@ -509,9 +525,14 @@ impl Engine {
                 threads.push(t);
             }
         }
+        let s = shared.clone();
+        let watcher = thread::Builder::new()
+            .name("cport-watch".into())
+            .spawn(move || watch::run(s))?;
         Ok(Engine {
             shared,
             threads,
+            watcher: Some(watcher),
             summary: None,
         })
     }
@@ -674,6 +695,10 @@ impl Engine {
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
+        sh.watch.stop();
+        if let Some(t) = self.watcher.take() {
+            let _ = t.join();
+        }
         sh.lock_listeners().clear();
         let summary = Summary {
             connections_served: snapshot.connections_accepted,
@@ -685,6 +710,7 @@ impl Engine {
             outstanding_ops: sh.outstanding() as u64,
             outstanding_bufs: sh.bufs_leased() as u64,
             connections_left: sh.conn_count() as u64,
+            worker_stalls: sh.watch.stalls(),
             uptime: sh.started.elapsed(),
             backend: sh.ports[0].port.backend().to_string(),
         };
@@ -705,9 +731,12 @@ fn worker_main(shared: Arc<Shared>, p: usize, index: usize) {
     let mut worker = shared.ports[p].port.worker();
     let mut batch = Vec::with_capacity(32);
     stats::set_worker_shard(index);
+    let mut trims_seen = 0;
     loop {
         let timeout = shared.next_timeout(p);
+        shared.watch.end(index);
         let r = worker.get_many(&mut batch, 32, Some(timeout));
+        shared.watch.begin(index);
         shared.stats.completions(index, batch.len());
         shared.ports[p]
             .wait_until
@@ -722,9 +751,13 @@ fn worker_main(shared: Arc<Shared>, p: usize, index: usize) {
                 exit += 1;
                 continue;
             }
+            shared
+                .watch
+                .doing(index, c.key, watch::doing_of(&c.outcome));
             shared.dispatch(p, c);
         }
-        shared.fire_timers(p);
+        shared.fire_timers(p, index);
+        shared.watch.after_batch(&mut trims_seen);
         if exit > 0 {
             // Took more than one exit packet: give the others back so every
             // worker gets its own (the seeds' pitfall).
@@ -800,6 +833,15 @@ impl Shared {
         let before = w.len();
         w.retain(|x| *x != id);
         w.len() != before
+    }
+
+    /// Wakes every worker once (a completion that does nothing).
+    pub(crate) fn wake_workers(&self) {
+        for pc in &self.ports {
+            for _ in 0..pc.workers {
+                pc.port.post(TAG_CTRL << TAG_SHIFT, CTRL_WAKE);
+            }
+        }
     }
 
     /// Puts `bytes` in connection `id`'s inbox and wakes its worker.
@@ -909,8 +951,9 @@ impl Shared {
         t
     }
 
-    /// Runs the handlers of every timer of port `p` that is due.
-    fn fire_timers(&self, p: usize) {
+    /// Runs the handlers of every timer of port `p` that is due, on
+    /// worker `w`.
+    fn fire_timers(&self, p: usize, w: usize) {
         let now = Instant::now();
         for _ in 0..4096 {
             let next = {
@@ -926,6 +969,7 @@ impl Shared {
             let Some(conn) = self.lookup(id) else {
                 continue;
             };
+            self.watch.doing(w, id.key(), watch::doing::TIMER);
             let mut st = conn.st.lock().unwrap_or_else(|e| e.into_inner());
             if st.finalized || !st.take_timer(key) {
                 continue;
@@ -1004,10 +1048,13 @@ impl Shared {
             s.cq_full += r.cq_full;
             s.sq_full += r.sq_full;
         }
-        if let Some(u) = crate::port::sys::process_usage() {
-            s.cpu_s = Some(u.cpu.as_secs_f64());
-            s.rss_bytes = Some(u.rss);
-        }
+        // Nothing here may cost more with more connections or descriptors,
+        // or read a file: a worker answers STATS with it. The CPU clock is
+        // one system call; the resident memory is sampled by the watch
+        // thread.
+        s.cpu_s = crate::port::sys::process_cpu().map(|c| c.as_secs_f64());
+        s.rss_bytes = self.watch.rss();
+        s.worker_stalls = self.watch.stalls();
         s.cluster = self.stats.cluster_snapshot();
         s
     }

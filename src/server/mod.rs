@@ -10,6 +10,7 @@ mod engine;
 mod handler;
 mod services;
 mod stats;
+mod watch;
 
 use std::fmt;
 use std::time::Duration;
@@ -24,6 +25,7 @@ pub use stats::{
     COMMANDS, CloseReason, ClusterNode, ClusterSnapshot, ClusterSource, CommandCounts, ERROR_KINDS,
     EVENT_LOG_LEN, Event, LatencyBucket, LatencySnapshot, Observer, Stats, StatsSnapshot,
 };
+pub use watch::DEFAULT_STALL_THRESHOLD;
 
 /// Identity of a connection: its port, its slot in that port's table, and
 /// the slot's generation, so an id never names a later connection that
@@ -77,6 +79,9 @@ pub struct Summary {
     pub outstanding_bufs: u64,
     /// Connections still in the tables when the workers stopped (must be 0).
     pub connections_left: u64,
+    /// Times a worker stayed away from its port for longer than the stall
+    /// threshold (should be 0).
+    pub worker_stalls: u64,
     /// How long the engine ran.
     pub uptime: Duration,
     /// Name of the backend the ports ran on ("uring", "poll", "iocp").
@@ -87,7 +92,7 @@ impl fmt::Display for Summary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "connections_served={} connections_connected={} bytes_in={} bytes_out={} frames_in={} frames_out={} outstanding_ops={} outstanding_bufs={} connections_left={} uptime_s={:.1} backend={}",
+            "connections_served={} connections_connected={} bytes_in={} bytes_out={} frames_in={} frames_out={} outstanding_ops={} outstanding_bufs={} connections_left={} worker_stalls={} uptime_s={:.1} backend={}",
             self.connections_served,
             self.connections_connected,
             self.bytes_in,
@@ -97,6 +102,7 @@ impl fmt::Display for Summary {
             self.outstanding_ops,
             self.outstanding_bufs,
             self.connections_left,
+            self.worker_stalls,
             self.uptime.as_secs_f64(),
             self.backend
         )

@@ -369,6 +369,11 @@ impl Stats {
         add(&self.shards[w.min(last)].completions, n as u64);
     }
 
+    /// Completions taken by every worker so far.
+    pub(crate) fn completions_total(&self) -> u64 {
+        sum(self.shards.iter().map(|s| &s.completions))
+    }
+
     /// Whether the latency histogram and the event log are recorded.
     pub(crate) fn is_live(&self) -> bool {
         self.live.load(Ordering::Relaxed)
@@ -681,8 +686,12 @@ pub struct StatsSnapshot {
     pub uptime_s: f64,
     /// Process CPU time in seconds, when readable.
     pub cpu_s: Option<f64>,
-    /// Process resident memory in bytes, when readable.
+    /// Process resident memory in bytes, when readable (sampled once a
+    /// second, off the workers).
     pub rss_bytes: Option<u64>,
+    /// Times a worker stayed away from its port for longer than the stall
+    /// threshold (100 ms by default) while handling completions.
+    pub worker_stalls: u64,
     /// The cluster bridge, when the server is in a cluster.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cluster: Option<ClusterSnapshot>,

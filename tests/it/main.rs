@@ -32,6 +32,7 @@ mod fault;
 mod hostile;
 mod hostile_budget;
 mod hostile_file;
+mod hostile_limits;
 mod hostile_mixed;
 mod netpath;
 mod port;

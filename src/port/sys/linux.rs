@@ -1,5 +1,6 @@
-//! Linux helpers outside the port: process accounting read from `/proc`,
-//! descriptor limits, socket options.
+//! Linux helpers outside the port: process accounting (read from `/proc`
+//! and the process CPU clock), returning free heap memory, descriptor
+//! limits, socket options.
 
 use std::time::Duration;
 
@@ -10,8 +11,6 @@ pub struct ProcessUsage {
     pub cpu: Duration,
     /// Resident set size in bytes.
     pub rss: u64,
-    /// Open file descriptors.
-    pub fds: u64,
 }
 
 /// Reads this process's CPU time and RSS; `None` if `/proc` is unreadable.
@@ -21,17 +20,103 @@ pub fn process_usage() -> Option<ProcessUsage> {
 
 /// Reads the CPU time and RSS of process `pid` (e.g. a server watched by
 /// `cport stress --server-pid`); `None` if it is gone or `/proc` is
-/// unreadable. `fds` is 0 when its descriptor table is not readable to us.
+/// unreadable.
 pub fn process_usage_of(pid: u32) -> Option<ProcessUsage> {
     usage_in(&format!("/proc/{pid}"))
 }
 
-/// The CPU time and RSS of process `pid` from `/proc/PID/stat` alone (no
-/// descriptor count: cheap enough to sample several times a second while
-/// the process holds thousands of sockets); `None` if it is gone.
+/// The CPU time and RSS of process `pid` from `/proc/PID/stat` alone
+/// (cheap enough to sample several times a second); `None` if it is gone.
 pub fn process_cpu_rss_of(pid: u32) -> Option<(Duration, u64)> {
     cpu_rss_in(&format!("/proc/{pid}"))
 }
+
+/// This process's CPU time (user + system, all threads), from
+/// `clock_gettime(CLOCK_PROCESS_CPUTIME_ID)`: one system call, no file, no
+/// cost that grows with connections or descriptors, so a worker may read
+/// it to answer a request.
+pub fn process_cpu() -> Option<Duration> {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec into the live local we pass.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    (rc == 0).then(|| Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32))
+}
+
+/// This process's resident memory in bytes, from `/proc/self/statm`. A file
+/// read: call it from a background thread, never from a worker.
+pub fn process_rss() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as u64;
+    Some(pages * page)
+}
+
+/// Gives the memory the allocator holds free back to the operating system
+/// (glibc's `malloc_trim(0)`, which also releases free pages in the middle
+/// of every arena). Returns whether anything was released. It walks the
+/// allocator's free lists under their locks: call it from a background
+/// thread, and rarely.
+#[cfg(target_env = "gnu")]
+pub fn trim_heap() -> bool {
+    // SAFETY: malloc_trim has no preconditions; it only changes how much
+    // free memory the allocator keeps mapped.
+    unsafe { libc::malloc_trim(0) != 0 }
+}
+
+/// Makes the allocator keep less free memory for itself (glibc): blocks of
+/// 1 MiB and more get mappings of their own, unmapped when freed, and the
+/// free top of every arena over 1 MiB is returned at once. Without this,
+/// glibc raises both thresholds as large blocks come and go (up to 32 and
+/// 64 MiB), and the top of a thread's arena is never given back, not even
+/// by [`trim_heap`]: after a burst a server kept tens of MiB it no longer
+/// used. Call once, before the threads start.
+#[cfg(target_env = "gnu")]
+pub fn limit_heap_retention() {
+    // SAFETY: mallopt only changes allocator parameters; both values are
+    // in range.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 20);
+    }
+}
+
+/// Makes the allocator keep less free memory: nothing to set with this C
+/// library.
+#[cfg(not(target_env = "gnu"))]
+pub fn limit_heap_retention() {}
+
+/// Gives the memory the allocator holds free back to the operating system:
+/// nothing to do with this C library. Returns false.
+#[cfg(not(target_env = "gnu"))]
+pub fn trim_heap() -> bool {
+    false
+}
+
+/// Returns the free top of the calling thread's arena (glibc). `malloc_trim`
+/// never shrinks the top of a thread's arena, and a free shrinks it only
+/// when the block it frees merges into a top of 64 KiB or more: when the
+/// last block freed next to the top was a small one, the top stays
+/// resident, however large. Freeing a block taken from that top does it.
+/// Called by each worker after a trim.
+#[cfg(target_env = "gnu")]
+pub fn trim_thread_heap() {
+    // Under the mmap threshold (see `limit_heap_retention`), so it comes
+    // from this thread's arena, and over the 64 KiB that makes a free trim.
+    // SAFETY: a plain malloc/free pair; the block is never touched.
+    unsafe {
+        let p = std::hint::black_box(libc::malloc(256 << 10));
+        libc::free(p);
+    }
+}
+
+/// Returns the free top of the calling thread's arena: nothing to do with
+/// this C library.
+#[cfg(not(target_env = "gnu"))]
+pub fn trim_thread_heap() {}
 
 fn cpu_rss_in(dir: &str) -> Option<(Duration, u64)> {
     let stat = std::fs::read_to_string(format!("{dir}/stat")).ok()?;
@@ -56,10 +141,7 @@ fn cpu_rss_in(dir: &str) -> Option<(Duration, u64)> {
 
 fn usage_in(dir: &str) -> Option<ProcessUsage> {
     let (cpu, rss) = cpu_rss_in(dir)?;
-    let fds = std::fs::read_dir(format!("{dir}/fd"))
-        .map(|d| d.count() as u64)
-        .unwrap_or(0);
-    Some(ProcessUsage { cpu, rss, fds })
+    Some(ProcessUsage { cpu, rss })
 }
 
 /// Connections waiting in the accept queues of the TCP listeners on local

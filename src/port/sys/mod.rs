@@ -60,6 +60,7 @@
 //! Backends that are not native never see these two calls.
 //!
 //! OS helpers that are not part of the port (process CPU and memory,
+//! returning free heap memory,
 //! descriptor limits, socket options, opening files beneath a directory,
 //! the raw error codes the layers above compare against, in [`errno`])
 //! live here too, so that nothing above `sys` says `cfg(target_os)`.
@@ -74,9 +75,9 @@ mod linux;
 #[cfg(target_os = "linux")]
 pub use linux::{
     ProcessUsage, accept_queue_len, ephemeral_port_range, errno, fd_hard_limit, fd_limit,
-    is_escape, is_loop, machine_cpu, open_beneath, open_dir, process_cpu_rss_of, process_usage,
-    process_usage_of, raise_fd_limit, sched_cpu_of, set_bind_address_no_port, set_keepalive,
-    set_notsent_lowat,
+    is_escape, is_loop, limit_heap_retention, machine_cpu, open_beneath, open_dir, process_cpu,
+    process_cpu_rss_of, process_rss, process_usage, process_usage_of, raise_fd_limit, sched_cpu_of,
+    set_bind_address_no_port, set_keepalive, set_notsent_lowat, trim_heap, trim_thread_heap,
 };
 #[cfg(target_os = "linux")]
 use linux::{map_pages, unmap_pages};
@@ -124,9 +125,9 @@ mod pool;
 #[cfg(windows)]
 pub use windows::{
     ProcessUsage, accept_queue_len, ephemeral_port_range, errno, fd_hard_limit, fd_limit,
-    is_escape, is_loop, machine_cpu, open_beneath, open_dir, process_cpu_rss_of, process_usage,
-    process_usage_of, raise_fd_limit, sched_cpu_of, set_bind_address_no_port, set_keepalive,
-    set_notsent_lowat,
+    is_escape, is_loop, limit_heap_retention, machine_cpu, open_beneath, open_dir, process_cpu,
+    process_cpu_rss_of, process_rss, process_usage, process_usage_of, raise_fd_limit, sched_cpu_of,
+    set_bind_address_no_port, set_keepalive, set_notsent_lowat, trim_heap, trim_thread_heap,
 };
 
 use std::collections::VecDeque;

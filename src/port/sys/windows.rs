@@ -22,7 +22,7 @@ use windows_sys::Win32::System::Memory::{
 };
 use windows_sys::Win32::System::ProcessStatus::{K32GetProcessMemoryInfo, PROCESS_MEMORY_COUNTERS};
 use windows_sys::Win32::System::Threading::{
-    GetCurrentProcess, GetProcessHandleCount, GetProcessTimes, GetSystemTimes, OpenProcess,
+    GetCurrentProcess, GetProcessTimes, GetSystemTimes, OpenProcess,
     PROCESS_QUERY_LIMITED_INFORMATION,
 };
 
@@ -33,8 +33,6 @@ pub struct ProcessUsage {
     pub cpu: Duration,
     /// Resident set size (working set) in bytes.
     pub rss: u64,
-    /// Open handles (sockets, files, threads, ...).
-    pub fds: u64,
 }
 
 /// Reads this process's CPU time and working set.
@@ -43,6 +41,31 @@ pub fn process_usage() -> Option<ProcessUsage> {
     // and is valid for the whole call.
     usage_of(unsafe { GetCurrentProcess() })
 }
+
+/// This process's CPU time (user + system): GetProcessTimes, one system
+/// call whose cost does not grow with connections or handles.
+pub fn process_cpu() -> Option<Duration> {
+    process_usage().map(|u| u.cpu)
+}
+
+/// This process's working set in bytes.
+pub fn process_rss() -> Option<u64> {
+    process_usage().map(|u| u.rss)
+}
+
+/// Gives free heap memory back to the operating system: the Windows heap
+/// decommits free pages by itself, so there is nothing to do. Returns false.
+pub fn trim_heap() -> bool {
+    false
+}
+
+/// Returns the free memory of the calling thread's heap: nothing to do on
+/// Windows.
+pub fn trim_thread_heap() {}
+
+/// Makes the allocator keep less free memory: the Windows heap needs no
+/// setting.
+pub fn limit_heap_retention() {}
 
 /// Reads the CPU time and working set of process `pid`; `None` if it is
 /// gone or we may not query it.
@@ -126,14 +149,10 @@ fn usage_of(h: HANDLE) -> Option<ProcessUsage> {
     } else {
         0
     };
-    let mut handles = 0u32;
-    // SAFETY: writes one u32 into a live local.
-    unsafe { GetProcessHandleCount(h, &mut handles) };
     Some(ProcessUsage {
         // FILETIME counts 100 ns intervals.
         cpu: Duration::from_nanos((ticks(kernel) + ticks(user)) * 100),
         rss,
-        fds: handles as u64,
     })
 }
 
