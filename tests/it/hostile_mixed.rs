@@ -1435,8 +1435,17 @@ fn mixed_attack_beside_20_honest_clients() {
     let stalls = match final_stats(addr) {
         Ok(v) => match worker_stalls(&v) {
             Some(n) => {
-                if n > 0 {
+                // A worker descheduled for 100 ms by the other tests of a
+                // parallel `cargo test` counts as a stall too, so the bound
+                // is asserted where the test runs alone (the hostile CI
+                // stage sets CPORT_MIXED_SECS and runs one test at a time).
+                if n > 0 && std::env::var_os("CPORT_MIXED_SECS").is_some() {
                     failures.push(format!("STATS reports {n} worker stalls over 100 ms"));
+                } else if n > 0 {
+                    println!(
+                        "note: {n} worker stall(s) over 100 ms, not asserted beside other tests \
+                         (CPORT_MIXED_SECS asserts it)"
+                    );
                 }
                 n.to_string()
             }
