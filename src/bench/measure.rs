@@ -494,6 +494,21 @@ fn settled_rss(pid: u32, within: Duration) -> Option<u64> {
 const WARM_CONNS: u64 = 8;
 const WARM_ECHOES: u64 = 4096;
 
+/// Writes `msg`, reads as many bytes back into `back` and checks they are
+/// the same.
+fn echo_checked(s: &mut TcpStream, msg: &[u8], back: &mut Vec<u8>) -> io::Result<()> {
+    back.resize(msg.len(), 0);
+    s.write_all(msg)?;
+    s.read_exact(back)?;
+    if back[..] != *msg {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "the echo came back different",
+        ));
+    }
+    Ok(())
+}
+
 fn warm_pools(raw: bool, addr: SocketAddr, timeout: Duration) -> io::Result<()> {
     let mut conns = Vec::new();
     for c in 0..WARM_CONNS {
@@ -502,17 +517,10 @@ fn warm_pools(raw: bool, addr: SocketAddr, timeout: Duration) -> io::Result<()> 
         s.set_nodelay(true)?;
         conns.push((s, echo_message(raw, &body_for(c, 512))));
     }
-    let mut back = vec![0u8; conns[0].1.len()];
+    let mut back = Vec::new();
     for _ in 0..WARM_ECHOES {
         for (s, msg) in &mut conns {
-            s.write_all(msg)?;
-            s.read_exact(&mut back)?;
-            if back != *msg {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    "the echo came back different",
-                ));
-            }
+            echo_checked(s, msg, &mut back)?;
         }
     }
     Ok(())
@@ -569,19 +577,10 @@ pub(crate) fn idle(
     let mut first_error = None;
     // With `echo`, each connection does one 512-byte echo before it goes
     // idle, checked byte for byte.
-    let echo_once = |s: &mut TcpStream, i: u64| -> io::Result<()> {
-        let msg = echo_message(raw, &body_for(i, 512));
+    let mut back = Vec::new();
+    let mut echo_once = |s: &mut TcpStream, i: u64| -> io::Result<()> {
         s.set_read_timeout(Some(timeout))?;
-        s.write_all(&msg)?;
-        let mut got = vec![0u8; msg.len()];
-        s.read_exact(&mut got)?;
-        if got != msg {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "the echo came back different",
-            ));
-        }
-        Ok(())
+        echo_checked(s, &echo_message(raw, &body_for(i, 512)), &mut back)
     };
     for i in 0..conns {
         if stop.load(Ordering::Relaxed) {
