@@ -34,6 +34,30 @@ struct Peer {
     rearms: u64,
 }
 
+impl Peer {
+    /// Moves an accepted socket into the port (a registered slot when there
+    /// is room) and arms its multishot receive.
+    fn armed(p: &CompletionPort, key: u64, s: TcpStream) -> Peer {
+        let socket = p.make_direct(Socket::from(s));
+        let recv = p
+            .submit(
+                key,
+                Op::RecvMulti {
+                    socket: socket.clone(),
+                },
+            )
+            .unwrap();
+        Peer {
+            socket: Some(socket),
+            recv: Some(recv),
+            cancelled: false,
+            got: Vec::new(),
+            ended: None,
+            rearms: 0,
+        }
+    }
+}
+
 fn pattern(conn: u64, len: usize) -> Vec<u8> {
     (0..len)
         .map(|i| (i as u64 * 131 + conn * 17) as u8)
@@ -100,48 +124,10 @@ fn multishot_receive_reports_every_end_under_churn() {
                     drop(c);
                 }
                 thread::sleep(Duration::from_micros(next() % 200));
-                let socket = p.make_direct(Socket::from(s));
-                let id = p
-                    .submit(
-                        key,
-                        Op::RecvMulti {
-                            socket: socket.clone(),
-                        },
-                    )
-                    .unwrap();
-                peers.insert(
-                    key,
-                    Peer {
-                        socket: Some(socket),
-                        recv: Some(id),
-                        cancelled: false,
-                        got: Vec::new(),
-                        ended: None,
-                        rearms: 0,
-                    },
-                );
+                peers.insert(key, Peer::armed(&p, key, s));
                 continue;
             }
-            let socket = p.make_direct(Socket::from(s));
-            let id = p
-                .submit(
-                    key,
-                    Op::RecvMulti {
-                        socket: socket.clone(),
-                    },
-                )
-                .unwrap();
-            peers.insert(
-                key,
-                Peer {
-                    socket: Some(socket),
-                    recv: Some(id),
-                    cancelled: false,
-                    got: Vec::new(),
-                    ended: None,
-                    rearms: 0,
-                },
-            );
+            peers.insert(key, Peer::armed(&p, key, s));
             clients.push((key, c));
         }
         // The peers write and close or reset, from another thread, while
