@@ -76,17 +76,6 @@ struct RssPeak {
     h: Option<JoinHandle<()>>,
 }
 
-fn rss_kib_of(pid: i32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-}
-
 impl RssPeak {
     fn start(pid: i32) -> RssPeak {
         let stop = Arc::new(AtomicBool::new(false));

@@ -1227,23 +1227,12 @@ fn fd_soft_limit(pid: i32) -> Option<u64> {
         .ok()
 }
 
-fn rss_kib(pid: i32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-}
-
 /// Samples the server's descriptors and RSS every 50 ms: (fd peak, RSS peak KiB).
 fn sampler(ctx: &Ctx, pid: i32) -> (u64, u64) {
     let (mut fds, mut rss) = (0, 0);
     while !ctx.stopped() {
         fds = fds.max(fd_count(pid).unwrap_or(0));
-        rss = rss.max(rss_kib(pid).unwrap_or(0));
+        rss = rss.max(rss_kib_of(pid).unwrap_or(0));
         thread::sleep(Duration::from_millis(50));
     }
     (fds, rss)
@@ -1306,7 +1295,7 @@ fn mixed_attack_beside_20_honest_clients() {
     let addr = srv.addr();
     let pid = srv.pid();
     let limit = fd_soft_limit(pid).expect("server descriptor limit from /proc");
-    let rss_start = rss_kib(pid).unwrap_or(0);
+    let rss_start = rss_kib_of(pid).unwrap_or(0);
     let backend = test_backend().unwrap_or_else(|| "default".into());
 
     let mut first: Vec<HConn> = Vec::new();

@@ -526,14 +526,7 @@ impl Server {
 
     /// Resident memory of the server process in KiB (Linux /proc).
     pub fn rss_kib(&self) -> Option<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid)).ok()?;
-        status
-            .lines()
-            .find(|l| l.starts_with("VmRSS:"))?
-            .split_whitespace()
-            .nth(1)?
-            .parse()
-            .ok()
+        rss_kib_of(self.pid)
     }
 
     /// CPU time (user + system) the server process has used so far.
@@ -585,6 +578,18 @@ impl Drop for Server {
 }
 
 /// Last `n` lines of `s`.
+/// Resident memory of process `pid` in KiB (Linux /proc); `None` if gone.
+pub fn rss_kib_of(pid: i32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
 pub fn tail(s: &str, n: usize) -> String {
     let lines: Vec<&str> = s.lines().collect();
     let from = lines.len().saturating_sub(n);
