@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# CI stage of the admin endpoint (issue 8): the dashboard in a real
+# CI stage of the admin endpoint: the dashboard in a real
 # headless browser. Installs Debian's chromium (and python3, fonts) if
 # missing, builds the release binary, and runs tests/browser/dashboard_test.py,
 # which loads a server with `cport stress`, opens the dashboard and checks

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reliability under faults (issue 9, items 3, 7, 8), on both backends:
+# Reliability under faults, on both backends:
 #   - the 1-minute soak (tests/it/soak.rs),
 #   - 5 SIGTERMs under load, 10,000 connections each (tests/it/shutdown_load.rs).
 # Long variants (not run here):

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# relhostile (issue 9, items 4-6): hostile clients at the issue's full
+# relhostile: hostile clients at full
 # scale, tiny io_uring rings, and 100,000 cancellation races, on the
 # io_uring and epoll backends (ring limits apply to io_uring only; the
 # tests say SKIPPED on poll). Installs what it needs; prints the figures

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reliability models (issue 9, items 1-2): fuzz smoke run of the frame
+# Reliability models: fuzz smoke run of the frame
 # decoder, the integration suite's close/cancel/shutdown/scale subset under
 # AddressSanitizer (+ LeakSanitizer), the close/cancel/shutdown subset under
 # valgrind memcheck, Miri on the pure parts, loom models of the port.

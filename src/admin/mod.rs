@@ -1,4 +1,4 @@
-//! The admin endpoint (`cport server --admin ADDR`, SPEC section 6): an
+//! The admin endpoint (`cport server --admin ADDR`): an
 //! HTTP server on a thread of its own, beside the engine, serving
 //!
 //! - `/metrics` — the counters in the Prometheus text format;
@@ -6,7 +6,7 @@
 //! - `/` — a live dashboard (HTML, CSS and JS embedded in the binary, no
 //!   external requests) charting connections, accepts/s, messages/s,
 //!   bytes/s, CPU and RSS over the last minutes, with a log of recent
-//!   connection events — the seeds' server window, in a browser;
+//!   connection events — the classic IOCP articles' server window, in a browser;
 //! - `/api/live` — what the dashboard polls: new samples and events.
 //!
 //! This module sits on the `server` layer and reads the engine only

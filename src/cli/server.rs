@@ -16,7 +16,7 @@ use super::{BackendArg, init_logging, parse_addr, parse_duration, parse_size};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub(crate) enum ProtocolArg {
-    /// Length-prefixed frames: ECHO, PING, STATS (SPEC section 3).
+    /// Length-prefixed frames: ECHO, PING, STATS (the README's "Wire protocol").
     Framed,
     /// Plain echo of whatever bytes arrive (works with nc and generic benchmarks).
     Raw,
@@ -53,7 +53,7 @@ pub(crate) struct ServerArgs {
     /// Worker threads in all, spread evenly over the ports [default: cores].
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
     workers: Option<u16>,
-    /// Completion ports (1: the seeds' shared model, all workers on one port;
+    /// Completion ports (1: the classic IOCP articles' shared model, all workers on one port;
     /// = workers: one port per worker) [default: one per worker, at most 64].
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=64))]
     ports: Option<u16>,

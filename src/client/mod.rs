@@ -1,5 +1,5 @@
 //! Clients on the same engine as the server: a synchronous [`Session`] for
-//! one connection (the interactive client), and [`run_messages`], the seeds'
+//! one connection (the interactive client), and [`run_messages`], the classic IOCP articles'
 //! client window — C connections each sending a message N times every T,
 //! verifying every echo byte for byte and timing every round trip.
 //! [`Latency`] (the round-trip histogram) and [`engine_config`] are shared
@@ -167,7 +167,7 @@ impl Session {
     }
 }
 
-/// The seeds' client window: what to send, how often, on how many connections.
+/// The classic IOCP articles' client window: what to send, how often, on how many connections.
 #[derive(Debug, Clone)]
 pub struct MessagesConfig {
     /// Server address.
@@ -371,7 +371,7 @@ impl Handler for MessagesHandler {
     }
 }
 
-/// Runs the seeds' client window: opens `connections` connections, each
+/// Runs the classic IOCP articles' client window: opens `connections` connections, each
 /// sends `message` as an ECHO frame `count` times, waiting `interval` after
 /// each verified reply. Calls `on_event` for every reply and failure from
 /// the calling thread; returns the totals when every connection is done.

@@ -6,7 +6,7 @@
 //! and reused underneath the kernel), the buffers to send, the address to
 //! connect to. Submitting an `Op` moves it into the port; the port keeps it
 //! until the completion is reaped and then hands every owned value back in
-//! the [`Outcome`] — the seeds' OVERLAPPED + per-IO context, without raw
+//! the [`Outcome`] — the classic IOCP articles' OVERLAPPED + per-IO context, without raw
 //! pointers for the user to keep alive.
 //!
 //! Nothing here is platform specific; how each operation is expressed to
@@ -109,7 +109,7 @@ pub enum Op {
     /// Accept connections on a listening socket. On io_uring this is a
     /// multishot accept: one submission yields a completion per accepted
     /// connection until it ends (then `more == false` and it must be posted
-    /// again) — the seeds' pre-posted AcceptEx, always outstanding.
+    /// again) — the classic IOCP articles' pre-posted AcceptEx, always outstanding.
     Accept {
         /// The listening socket.
         listener: Arc<Socket>,

@@ -3,7 +3,7 @@
 //! A [`CompletionPort`] takes operations ([`Op`]) that own their buffers,
 //! runs them on a backend (io_uring on Linux, or epoll where io_uring is
 //! unavailable; IOCP on Windows; see [`BackendKind`]), and hands their completions
-//! to any number of worker threads. It owns the policy the seeds get from
+//! to any number of worker threads. It owns the policy the classic IOCP design gets from
 //! the Windows kernel:
 //!
 //! - **Sharing one port among workers.** A ring has one completion consumer,

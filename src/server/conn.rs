@@ -1,5 +1,5 @@
 //! One connection: its receive state machine, send queue and close
-//! sequence (the seeds' per-handle context).
+//! sequence (the classic IOCP articles' per-handle context).
 //!
 //! Invariants, all under the connection's lock:
 //! - at most one receive and one send are in flight (`recv_op`, `send_op`),

@@ -32,7 +32,7 @@ use crate::server::{ConnId, Summary};
 /// Wire protocol of an engine's connections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Protocol {
-    /// Length-prefixed frames (SPEC section 3).
+    /// Length-prefixed frames (the README's "Wire protocol").
     Framed,
     /// Bytes as they come.
     Raw,
@@ -360,7 +360,7 @@ impl EngineRef<'_> {
     }
 
     /// Queues `value` to connection `id`'s [`Handler::on_posted`], run on a
-    /// worker of its port (the seeds' `PostQueuedCompletionStatus`).
+    /// worker of its port (the classic IOCP articles' `PostQueuedCompletionStatus`).
     /// Returns false if the connection is gone or `value` is above
     /// [`MAX_POST_VALUE`].
     ///
@@ -760,7 +760,7 @@ fn worker_main(shared: Arc<Shared>, p: usize, index: usize) {
         shared.watch.after_batch(&mut trims_seen);
         if exit > 0 {
             // Took more than one exit packet: give the others back so every
-            // worker gets its own (the seeds' pitfall).
+            // worker gets its own (the classic IOCP articles' pitfall).
             for _ in 1..exit {
                 shared.ports[p].port.post(TAG_CTRL << TAG_SHIFT, CTRL_EXIT);
             }

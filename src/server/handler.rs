@@ -307,7 +307,7 @@ impl Ctx<'_> {
         self.st.set_timer(self.conn, self.shared, after, value)
     }
 
-    /// Attaches a value to the connection (the seeds' per-handle context),
+    /// Attaches a value to the connection (the classic IOCP articles' per-handle context),
     /// replacing any earlier one. It comes back to [`Handler::on_close`].
     pub fn set_data<T: Any + Send>(&mut self, data: T) {
         self.st.user = Some(Box::new(data));

@@ -55,7 +55,7 @@ pub use report::{
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
-    /// The seeds' scenario: each connection sends `messages` messages, one
+    /// The classic IOCP articles' scenario: each connection sends `messages` messages, one
     /// every `interval`, waiting for each echo, then stays open until every
     /// connection is done.
     Interval,

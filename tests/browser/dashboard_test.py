@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Browser test of the admin dashboard (issue 8), run by .ci/admin.sh.
+"""Browser test of the admin dashboard, run by .ci/admin.sh.
 
 Starts `cport server --admin`, loads it with `cport stress`, holds one
 connection of its own from 127.0.0.77 (so the test knows the peer address

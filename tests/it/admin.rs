@@ -1,4 +1,4 @@
-//! The admin endpoint (`--admin`, issue 8): `/metrics` parsed with a
+//! The admin endpoint (`--admin`): `/metrics` parsed with a
 //! Prometheus text parser and checked against what the test did, `/stats`
 //! against STATS, the dashboard's assets and live API, bad HTTP, and the
 //! refusal of a public address.

@@ -1,4 +1,4 @@
-//! Cancellation races (issue 9, item 6), on the port directly.
+//! Cancellation races, on the port directly.
 //!
 //! Each loop arms an accept and cancels it at once while a client connects
 //! and sends, then arms a receive on the new connection and cancels that at

@@ -1,4 +1,4 @@
-//! Fault injection over a real network path (issue 9, item 3): the server
+//! Fault injection over a real network path: the server
 //! runs in its own network namespace behind a veth pair; the client side
 //! makes its peer vanish (link down: no FIN, no RST), slows the link with a
 //! token-bucket filter, or goes through a proxy that adds latency, stalls,

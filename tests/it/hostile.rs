@@ -1,4 +1,4 @@
-//! Hostile clients at scale (issue 9, item 4), each with the server's RSS
+//! Hostile clients at scale, each with the server's RSS
 //! and CPU bounded by a number the test asserts (read from /proc/PID of the
 //! server process):
 //!

@@ -1,4 +1,4 @@
-//! Ring limits (issue 9, item 5): an io_uring server whose rings are tiny
+//! Ring limits: an io_uring server whose rings are tiny
 //! (8 submission / 16 completion entries) carries thousands of connections.
 //! Its submission queue is full most of the time and its completion queue
 //! overflows into the kernel's list on nearly every reap; the test checks

@@ -1,4 +1,4 @@
-//! Server services and limits (issue 4): BROADCAST, idle timeout and PING
+//! Server services and limits: BROADCAST, idle timeout and PING
 //! heartbeats, backpressure and slow consumers, the connection limit, and
 //! running out of file descriptors.
 

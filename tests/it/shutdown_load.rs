@@ -1,4 +1,4 @@
-//! Shutdown under load (issue 9, item 8): SIGTERM at a random moment while
+//! Shutdown under load: SIGTERM at a random moment while
 //! 10,000 connections are mid-echo (a `cport stress` process in pingpong
 //! mode: one request in flight on every connection) and FILE replies are
 //! being sent (threads of this process), repeated several times. Every run

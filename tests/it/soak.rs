@@ -1,4 +1,4 @@
-//! Soak (issue 9, item 7): a server under a steady mixed load for a bounded
+//! Soak: a server under a steady mixed load for a bounded
 //! time — thousands of connections that stay open and heartbeat (PING),
 //! constant connect/disconnect churn, echo traffic, and random resets
 //! (SO_LINGER 0, some mid-frame) — while its RSS, open descriptors and

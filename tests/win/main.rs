@@ -622,7 +622,7 @@ fn port_posts_any_key_and_times_out() {
 
 #[test]
 fn exit_packets_reach_every_worker() {
-    // The seeds' shutdown: one exit packet per worker. Each worker takes
+    // The classic IOCP articles' shutdown: one exit packet per worker. Each worker takes
     // at most one at a time, so every one of them wakes and leaves.
     const WORKERS: usize = 4;
     const EXIT: u64 = 0xE;

@@ -36,7 +36,7 @@
 //!
 //! On Linux two backends meet it: `uring/` (io_uring, true completions)
 //! and `poll/` (epoll readiness turned into completions in the backend).
-//! On Windows one does: `iocp/` (I/O completion ports, the seeds' own API).
+//! On Windows one does: `iocp/` (I/O completion ports, the classic IOCP articles' own API).
 //! `Backend` here is the one the port holds: an enum over them that
 //! delegates every call, chosen once per port from
 //! [`PortConfig::backend`](crate::port::PortConfig). On Linux `Auto` takes

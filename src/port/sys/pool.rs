@@ -3,7 +3,7 @@
 //! socket is readable; IOCP: a zero-byte `WSARecv` completed) and given back
 //! when the [`RecvBuf`](crate::buf::RecvBuf) lease drops.
 //!
-//! It plays the part of io_uring's provided-buffer ring (and of the seeds'
+//! It plays the part of io_uring's provided-buffer ring (and of the classic IOCP articles'
 //! pre-allocated 4 KiB buffers): an idle connection holds no chunk. Free chunks are kept on a stack, so the most recently
 //! used (cache-warm, already-touched) chunk is handed out next and the pages
 //! of a large, mostly idle pool are never touched.

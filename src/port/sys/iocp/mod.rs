@@ -1,4 +1,4 @@
-//! The IOCP backend: Windows I/O completion ports, the API the seeds are
+//! The IOCP backend: Windows I/O completion ports, the API the classic IOCP articles are
 //! written against, used natively (no readiness emulation).
 //!
 //! Owns one kernel completion port (CreateIoCompletionPort with the port's
@@ -11,7 +11,7 @@
 //! # A native port
 //!
 //! Unlike io_uring and epoll, the kernel object here *is* the completion
-//! port of the seeds, so this backend is `native` (see `sys`): every worker
+//! port of the classic IOCP articles, so this backend is `native` (see `sys`): every worker
 //! thread sits in `GetQueuedCompletionStatusEx` at once, the kernel wakes
 //! the most recent waiter first and lets at most NumberOfConcurrentThreads
 //! of them run, and `post` is `PostQueuedCompletionStatus`. The engine's
@@ -130,7 +130,7 @@ const KEY_FORWARD: usize = usize::MAX - 2;
 /// Key of a user post whose own key is one of these four reserved values;
 /// the byte count says which (`usize::MAX - n`).
 const KEY_ESCAPED: usize = usize::MAX - 3;
-/// `AcceptEx` calls kept posted per listener and port (the seeds' N
+/// `AcceptEx` calls kept posted per listener and port (the classic IOCP articles' N
 /// pre-posted accepts).
 pub(crate) const ACCEPTS: usize = 16;
 /// Most completions one `GetQueuedCompletionStatusEx` takes.
