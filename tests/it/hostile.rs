@@ -887,17 +887,7 @@ fn broadcast_to_100_recipients_that_never_read() {
     let _serial = serial();
     let mut srv = Server::start(&[]);
     let addr = srv.addr();
-    let deaf: Vec<TcpStream> = (0..100)
-        .map(|_| {
-            let s =
-                socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-            s.set_recv_buffer_size(4096).unwrap();
-            s.connect(&addr.into()).unwrap();
-            let s = TcpStream::from(s);
-            configure(&s);
-            s
-        })
-        .collect();
+    let deaf: Vec<TcpStream> = (0..100).map(|_| connect_small_rcvbuf(addr)).collect();
     let readers: Vec<TcpStream> = (0..3).map(|_| connect(addr)).collect();
     let mut sender = connect(addr);
     drop(settle(addr, 105, 105));

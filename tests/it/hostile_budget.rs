@@ -467,21 +467,28 @@ fn broadcast_flood_is_held_to_its_budget() {
 /// slow consumers by a stream of 64 KiB broadcasts (`--max-send-queue
 /// 1MiB`); each then reads, and every one sees a stream of whole frames
 /// ending with ERROR 7, then the close.
+/// `bytes` is whole BROADCAST frames of `size`-byte bodies numbered 0, 1,
+/// 2, ... (after the 8-byte sender id), then ERROR 7: nothing cut short.
+fn assert_broadcasts_then_error_7(bytes: &[u8], size: usize, who: &str) {
+    let frames = whole_frames(bytes, who);
+    let (last, rest) = frames.split_last().expect("some frames");
+    assert_eq!(last.0, CMD_ERROR, "{who}: the last frame is not an ERROR");
+    assert_eq!(
+        u32::from_be_bytes(last.1[..4].try_into().unwrap()),
+        ERR_SLOW_CONSUMER
+    );
+    for (k, (cmd, b)) in rest.iter().enumerate() {
+        assert_eq!(*cmd, CMD_BROADCAST, "{who} frame {k}");
+        assert_eq!(b.len(), 8 + size);
+        assert_eq!(b[8..12], (k as u32).to_be_bytes(), "{who}: out of order");
+    }
+}
+
 #[test]
 fn dropped_slow_consumers_get_whole_frames_then_error_7() {
     let mut srv = Server::start(&["--max-send-queue", "1MiB"]);
     let addr = srv.addr();
-    let deaf: Vec<TcpStream> = (0..50)
-        .map(|_| {
-            let s =
-                socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-            s.set_recv_buffer_size(4096).unwrap();
-            s.connect(&addr.into()).unwrap();
-            let s = TcpStream::from(s);
-            configure(&s);
-            s
-        })
-        .collect();
+    let deaf: Vec<TcpStream> = (0..50).map(|_| connect_small_rcvbuf(addr)).collect();
     let mut sender = connect(addr);
     let mut st = StatsTap::new(settle(addr, 52, 52));
     let mut own = BufReader::new(sender.try_clone().unwrap());
@@ -520,25 +527,7 @@ fn dropped_slow_consumers_get_whole_frames_then_error_7() {
     let mut saw = 0;
     for h in readers {
         let (i, bytes) = h.join().unwrap();
-        let frames = whole_frames(&bytes, &format!("deaf recipient {i}"));
-        let (last, rest) = frames.split_last().expect("some frames");
-        assert_eq!(
-            last.0, CMD_ERROR,
-            "recipient {i}: the last frame is not an ERROR"
-        );
-        assert_eq!(
-            u32::from_be_bytes(last.1[..4].try_into().unwrap()),
-            ERR_SLOW_CONSUMER
-        );
-        for (k, (cmd, b)) in rest.iter().enumerate() {
-            assert_eq!(*cmd, CMD_BROADCAST, "recipient {i} frame {k}");
-            assert_eq!(b.len(), 8 + size);
-            assert_eq!(
-                b[8..12],
-                (k as u32).to_be_bytes(),
-                "recipient {i}: out of order"
-            );
-        }
+        assert_broadcasts_then_error_7(&bytes, size, &format!("deaf recipient {i}"));
         saw += 1;
     }
     eprintln!(
@@ -631,25 +620,7 @@ fn slow_readers_dropped_mid_frame_get_whole_frames_then_error_7() {
     for h in readers {
         let (i, bytes) = h.join().unwrap();
         let r = std::panic::catch_unwind(|| {
-            let frames = whole_frames(&bytes, &format!("slow recipient {i}"));
-            let (last, rest) = frames.split_last().expect("some frames");
-            assert_eq!(
-                last.0, CMD_ERROR,
-                "recipient {i}: the last frame is not an ERROR"
-            );
-            assert_eq!(
-                u32::from_be_bytes(last.1[..4].try_into().unwrap()),
-                ERR_SLOW_CONSUMER
-            );
-            for (k, (cmd, b)) in rest.iter().enumerate() {
-                assert_eq!(*cmd, CMD_BROADCAST, "recipient {i} frame {k}");
-                assert_eq!(b.len(), 8 + size);
-                assert_eq!(
-                    b[8..12],
-                    (k as u32).to_be_bytes(),
-                    "recipient {i}: out of order"
-                );
-            }
+            assert_broadcasts_then_error_7(&bytes, size, &format!("slow recipient {i}"));
         });
         if r.is_err() {
             cut.push((i, bytes.len()));

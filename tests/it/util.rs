@@ -880,6 +880,23 @@ pub fn settle(addr: SocketAddr, total: u64, open: u64) -> TcpStream {
     s
 }
 
+/// A connection whose receive buffer is as small as the kernel allows
+/// (4 KiB asked), so a client that does not read backs the server up at
+/// once.
+pub fn connect_small_rcvbuf(addr: SocketAddr) -> TcpStream {
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )
+    .unwrap();
+    s.set_recv_buffer_size(4096).unwrap();
+    s.connect(&addr.into()).unwrap();
+    let s = TcpStream::from(s);
+    configure(&s);
+    s
+}
+
 /// Graceful shutdown of our write side.
 pub fn shutdown_write(s: &TcpStream) {
     s.shutdown(Shutdown::Write).expect("shutdown(Write)");
