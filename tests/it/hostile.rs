@@ -266,21 +266,7 @@ impl Attacker {
 
 impl Drop for Attacker {
     fn drop(&mut self) {
-        drop(self.stdin.take());
-        if let Some(mut c) = self.child.take() {
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while c.try_wait().ok().flatten().is_none() {
-                if Instant::now() > deadline {
-                    let _ = c.kill();
-                    let _ = c.wait();
-                    break;
-                }
-                thread::sleep(Duration::from_millis(20));
-            }
-        }
-        for h in self.readers.drain(..) {
-            let _ = h.join();
-        }
+        end_child(self.stdin.take(), self.child.take(), &mut self.readers);
     }
 }
 

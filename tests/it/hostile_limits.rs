@@ -131,21 +131,7 @@ impl Holder {
 
 impl Drop for Holder {
     fn drop(&mut self) {
-        drop(self.stdin.take());
-        if let Some(mut c) = self.child.take() {
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while c.try_wait().ok().flatten().is_none() {
-                if Instant::now() > deadline {
-                    let _ = c.kill();
-                    let _ = c.wait();
-                    break;
-                }
-                thread::sleep(Duration::from_millis(20));
-            }
-        }
-        for h in self.readers.drain(..) {
-            let _ = h.join();
-        }
+        end_child(self.stdin.take(), self.child.take(), &mut self.readers);
     }
 }
 

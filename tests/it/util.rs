@@ -897,6 +897,31 @@ pub fn connect_small_rcvbuf(addr: SocketAddr) -> TcpStream {
     s
 }
 
+/// Ends a helper process the test drives through its stdin: closing stdin
+/// tells it to finish; it gets 20 s before it is killed; then the threads
+/// reading its output are joined.
+pub fn end_child(
+    stdin: Option<std::process::ChildStdin>,
+    child: Option<std::process::Child>,
+    readers: &mut Vec<thread::JoinHandle<()>>,
+) {
+    drop(stdin);
+    if let Some(mut c) = child {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while c.try_wait().ok().flatten().is_none() {
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                let _ = c.wait();
+                break;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+    for h in readers.drain(..) {
+        let _ = h.join();
+    }
+}
+
 /// Graceful shutdown of our write side.
 pub fn shutdown_write(s: &TcpStream) {
     s.shutdown(Shutdown::Write).expect("shutdown(Write)");
